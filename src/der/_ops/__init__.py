@@ -1,0 +1,1 @@
+"""Fast implementations behind :mod:`der.functional` (streaming, custom autograd, numba)."""

@@ -1,0 +1,17 @@
+"""DER for transformers: inject into existing models, regularize keys, convert to block-sparse attention.
+
+Lifecycle (as in torch.ao pruning): ``inject`` (attach anchors) → train with ``handle.loss()`` →
+``convert`` (freeze per-head block layouts, swap in a block-sparse kernel) → save/load.
+"""
+
+from der._lazy import lazy_getattr
+
+_TABLE = {
+    "DERConfig": ".config",
+    "inject": ".inject",
+    "list_matches": ".inject",
+    "convert": ".convert",
+    "block_sparse_attention": ".kernels",
+}
+__all__ = sorted(_TABLE)
+__getattr__ = lazy_getattr(__name__, _TABLE)

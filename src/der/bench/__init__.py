@@ -1,0 +1,1 @@
+"""Benchmarks runnable as ``der bench <name>``; the scripts in benchmarks/ call these."""

@@ -1,0 +1,1 @@
+"""Experiments: one module per experiment family, run as ``der exp <name>``; each writes JSON + plots."""
