@@ -8,9 +8,9 @@ from der._lazy import lazy_getattr
 
 _TABLE = {
     "DERConfig": ".config",
-    "inject": ".inject",
-    "list_matches": ".inject",
-    "convert": ".convert",
+    "inject": ".injection",
+    "list_matches": ".injection",
+    "convert": ".conversion",
     "block_sparse_attention": ".kernels",
 }
 __all__ = sorted(_TABLE)

@@ -1,0 +1,395 @@
+r"""Attach DER to the attention keys of an existing model (Sec. 3 "attention", App. A, App. G.9–G.10).
+
+The keys of each attention head are the point set :math:`S` of Eq. 2–3; each (layer, head) gets its own
+``k`` learnable anchors. ``inject(model, config)`` mutates the model in place (PEFT style) and returns a
+:class:`DERHandle`:
+
+* anchors are ``nn.Parameter`` s registered on the model (``<key module>.der_anchors.anchors``, shape
+  ``(H, k, Dh)``), so ``model.parameters()``, optimizers, DDP and FSDP see them; ``handle.loss()`` adds a
+  zero-weighted term for every anchor set whose layer did not run, so each anchor takes part in every
+  step (no DDP "unused parameter" error);
+* a forward hook on each matched key module reads the keys ``(B, H, N, Dh)`` (see
+  :mod:`der.attention.config` for the per-architecture readers) and computes this forward's
+  :math:`H_\text{diff}` per sequence and head with :func:`der.functional.anchor_entropy` (padding tokens
+  from a 2-D ``attention_mask`` keyword are excluded);
+* ``handle.entropy()`` → ``(L, H)`` (mean over the batch), ``handle.loss()`` → λ·mean H;
+* ``with handle.calibrate():`` accumulates per-position soft assignments used by
+  :mod:`der.attention.layouts` for static layouts;
+* ``handle.remove()`` undoes everything (hooks, parameters, attribute, attention swap of ``convert``).
+
+Works on PEFT LoRA models: the LoRA wrapper ``k_proj`` is hooked (its output includes the adapter),
+never ``k_proj.base_layer`` or the ``lora_*`` children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from der import functional as DF
+from der.attention.config import ARCH_DEFAULTS, DERConfig, detect_architecture, infer_seq_len
+
+HANDLE_ATTR = "_der_handle"
+ANCHOR_ATTR = "der_anchors"
+_SKIP_COMPONENTS = ("base_layer", ANCHOR_ATTR)
+_CANDIDATE_HINTS = ("key", "k_proj", "qkv", "c_attn", "k_norm", "attn", "attention")
+
+
+# --------------------------------------------------------------------------- matching
+def _match_any(name: str, patterns: list[str] | str | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _layer_index(name: str) -> int | None:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _skippable(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in _SKIP_COMPONENTS or p.startswith("lora_") for p in parts)
+
+
+def _resolve(model: nn.Module, config: DERConfig) -> tuple[str, list[str] | str, str]:
+    arch = config.architecture
+    if config.target_modules is None or config.key_kind is None:
+        arch = arch or detect_architecture(model)
+    spec = ARCH_DEFAULTS.get(arch) if arch else None
+    targets = config.target_modules if config.target_modules is not None else list(spec.target_modules)
+    key_kind = config.key_kind or spec.key_kind
+    return arch or "custom", targets, key_kind
+
+
+def list_matches(model: nn.Module, config: DERConfig | None = None) -> list[str]:
+    """Names of the modules ``inject`` would hook, in model order.
+
+    Raises ``ValueError`` listing candidate module names when nothing matches.
+    """
+    config = config or DERConfig()
+    _, targets, _ = _resolve(model, config)
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if not name or _skippable(name) or any(name.startswith(f + ".") for f in found):
+            continue
+        if not _match_any(name, targets) or _match_any(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None and _layer_index(name) not in config.layers_to_transform:
+            continue
+        found.append(name)
+    if not found:
+        names = [n for n, _ in model.named_modules() if n and not _skippable(n)]
+        cands = [n for n in names if any(h in n.split(".")[-1].lower() for h in _CANDIDATE_HINTS)]
+        raise ValueError(
+            f"target_modules={targets!r} (exclude={config.exclude_modules!r}, "
+            f"layers={config.layers_to_transform!r}) matched no module of {type(model).__name__}. "
+            f"Candidates: {cands[:24] or names[:24]}"
+        )
+    return found
+
+
+# --------------------------------------------------------------------------- key readers
+def _head_dim(parent: nn.Module) -> int:
+    for attr in ("head_dim", "attention_head_size"):
+        v = getattr(parent, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    raise ValueError(f"cannot find the head size on {type(parent).__name__} (looked for head_dim, attention_head_size)")
+
+
+def _out_features(module: nn.Module) -> int:
+    for attr in ("out_features", "nf"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int):
+            return v
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return int(w.shape[0])
+    raise ValueError(f"cannot find the output size of {type(module).__name__}")
+
+
+def _geometry(module: nn.Module, parent: nn.Module, key_kind: str) -> tuple[int, int]:
+    """(heads of the key tensor, head dim) for a matched module."""
+    dh = _head_dim(parent)
+    if key_kind == "heads":
+        h = getattr(parent, "num_heads", None)
+        if not isinstance(h, int):
+            raise ValueError(f"{type(parent).__name__} has no int num_heads for key_kind='heads'")
+        return h, dh
+    width = _out_features(module)
+    if key_kind == "fused_qkv":
+        if width % 3:
+            raise ValueError(f"fused qkv output size {width} is not divisible by 3")
+        width //= 3
+    if width % dh:
+        raise ValueError(f"key width {width} is not a multiple of head dim {dh}")
+    return width // dh, dh
+
+
+def read_keys(output: torch.Tensor, key_kind: str, heads: int, head_dim: int) -> torch.Tensor:
+    """Keys ``(B, H, N, Dh)`` from a key module's output (see :mod:`der.attention.config`)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if key_kind == "heads":
+        return output
+    if key_kind == "fused_qkv":
+        e = output.shape[-1] // 3
+        output = output[..., e : 2 * e]
+    if output.dim() == 2:  # unbatched
+        output = output.unsqueeze(0)
+    b, n = output.shape[0], output.shape[1]
+    return output.reshape(b, n, heads, head_dim).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- state
+class DERAnchors(nn.Module):
+    """Per-head anchors ``(H, k, Dh)`` of one layer (Eq. 2's :math:`c_j`, one set per head)."""
+
+    def __init__(self, heads: int, k: int, head_dim: int) -> None:
+        super().__init__()
+        self.anchors = nn.Parameter(torch.randn(heads, k, head_dim))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        h, k, d = self.anchors.shape
+        return f"heads={h}, k={k}, head_dim={d}"
+
+
+@dataclass
+class DERSite:
+    """One hooked key module."""
+
+    name: str
+    module: nn.Module  # produces the keys
+    attention: nn.Module  # its parent: the module HF passes to the attention function
+    layer: int | None
+    heads: int
+    head_dim: int
+    key_kind: str
+    anchors: DERAnchors
+    hook: object = None
+    entropy: torch.Tensor | None = None  # (B, H) of this forward
+    keys: torch.Tensor | None = None  # detached, only while keep_keys
+    key_mask: torch.Tensor | None = None
+    stats_mass: torch.Tensor | None = None  # (H, N, k) Σ over calibration sequences of p_ij
+    stats_count: torch.Tensor | None = None  # (N,) number of valid sequences per position
+    extra: dict = field(default_factory=dict)
+
+
+class DERHandle:
+    """What :func:`inject` returns; also reachable as ``model._der_handle``."""
+
+    def __init__(self, model: nn.Module, config: DERConfig, arch: str, sites: list[DERSite]) -> None:
+        self.model, self.config, self.arch, self.sites = model, config, arch, sites
+        self.lam = config.lam if config.lam is not None else ARCH_DEFAULTS.get(arch, ARCH_DEFAULTS["bert"]).lam
+        self.steps = 0
+        self.regularize = True  # compute H in the hooks
+        self.keep_keys = False  # keep detached keys for dynamic layouts
+        self.calibrating = False
+        self.converted = None  # set by der.attention.convert
+        self.dense_fallbacks: dict[str, int] = {}  # reason → count (convert: never silent)
+        self._key_mask: torch.Tensor | None = None
+        self._root_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._removed = False
+
+    # ---------------------------------------------------------------- schedule
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha_at(self.steps)
+
+    def step(self) -> None:
+        """Advance the α anneal (call once per optimizer step)."""
+        self.steps += 1
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [s.anchors.anchors for s in self.sites]
+
+    # ---------------------------------------------------------------- hooks
+    def _on_forward(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._key_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for s in self.sites:
+            s.entropy = None
+
+    def _make_hook(self, site: DERSite):
+        def hook(module, inputs, output):
+            keys = read_keys(output, site.key_kind, site.heads, site.head_dim)
+            mask = self._key_mask
+            if mask is not None and tuple(mask.shape) != (keys.shape[0], keys.shape[2]):
+                mask = None  # a sub-call (e.g. cached decoding) with a different length: no padding info
+            site.key_mask = mask
+            if not bool(site.anchors.initialized):
+                self._init_from_keys(site, keys, mask)
+            if self.keep_keys:
+                site.keys = keys.detach()
+            if self.regularize:
+                site.entropy = self._entropy(site, keys, mask)
+            if self.calibrating:
+                self._accumulate(site, keys.detach(), mask)
+
+        return hook
+
+    def _init_from_keys(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """App. A: anchors = a random subset of the keys (k-means++ gives no meaningful difference)."""
+        if self.config.init == "random":
+            site.anchors.initialized.fill_(True)
+            return
+        with torch.no_grad():
+            h, k = site.heads, site.anchors.anchors.shape[1]
+            pts = keys.detach().float().transpose(0, 1).reshape(h, -1, site.head_dim)  # (H, B·N, Dh)
+            valid = torch.arange(pts.shape[1], device=pts.device)
+            if mask is not None:
+                valid = valid[mask.reshape(-1)]
+            g = torch.Generator(device="cpu").manual_seed(self.config.seed + 7919 * self.sites.index(site))
+            replace = valid.numel() < k
+            pick = torch.randint(valid.numel(), (k,), generator=g) if replace else torch.randperm(valid.numel(), generator=g)[:k]
+            chosen = pts[:, valid[pick.to(valid.device)]]
+            if replace:  # fewer keys than anchors: jitter duplicates so they can separate
+                chosen = chosen + 1e-3 * chosen.std().clamp_min(1e-6) * torch.randn(chosen.shape, generator=g).to(chosen)
+            site.anchors.anchors.copy_(chosen.to(site.anchors.anchors))
+            site.anchors.initialized.fill_(True)
+
+    def _entropy(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        anchors, alpha, metric = site.anchors.anchors, self.alpha, self.config.metric
+        if mask is None:
+            return DF.anchor_entropy(keys, anchors, alpha=alpha, metric=metric)  # (B, H)
+        p = DF.soft_assign(keys, anchors, alpha=alpha, metric=metric) * mask[:, None, :, None]
+        return DF.entropy_from_counts(p.sum(-2))
+
+    def _accumulate(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
+        p = DF.soft_assign(keys, site.anchors.anchors.detach(), alpha=self.alpha, metric=self.config.metric)
+        w = torch.ones(keys.shape[0], keys.shape[2], device=p.device) if mask is None else mask.float()
+        mass = (p * w[:, None, :, None]).sum(0)  # (H, N, k)
+        count = w.sum(0)  # (N,)
+        n = mass.shape[1]
+        if site.stats_mass is None:
+            site.stats_mass, site.stats_count = torch.zeros_like(mass), torch.zeros_like(count)
+        if site.stats_mass.shape[1] < n:
+            pad = n - site.stats_mass.shape[1]
+            site.stats_mass = torch.nn.functional.pad(site.stats_mass, (0, 0, 0, pad))
+            site.stats_count = torch.nn.functional.pad(site.stats_count, (0, pad))
+        site.stats_mass[:, :n] += mass
+        site.stats_count[:n] += count
+
+    @contextlib.contextmanager
+    def calibrate(self, reset: bool = True):
+        """Accumulate per-position soft assignments (for static layouts) during the forwards inside."""
+        if reset:
+            for s in self.sites:
+                s.stats_mass = s.stats_count = None
+        self.calibrating = True
+        try:
+            yield self
+        finally:
+            self.calibrating = False
+
+    # ---------------------------------------------------------------- results
+    def entropy_by_layer(self) -> dict[str, torch.Tensor]:
+        """``{module name: (H,)}`` — this forward's H_diff per head, mean over the batch (nats)."""
+        out = {s.name: s.entropy.mean(0) for s in self.sites if s.entropy is not None}
+        if not out:
+            raise RuntimeError("no DER entropy recorded: run a forward pass of the model first (with handle.regularize=True)")
+        return out
+
+    def entropy(self) -> torch.Tensor:
+        """``(L, H)`` — per-layer, per-head H_diff of the last forward (mean over the batch)."""
+        vals = list(self.entropy_by_layer().values())
+        if len({v.shape for v in vals}) > 1:
+            raise ValueError("layers have different head counts; use handle.entropy_by_layer()")
+        return torch.stack(vals)
+
+    def loss(self) -> torch.Tensor:
+        """λ·H with H the mean H_diff over layers, heads and sequences of the last forward.
+
+        Anchor sets whose layer did not run contribute ``0·Σ anchors`` so every anchor gets a gradient.
+        """
+        ent = [s.entropy.mean() for s in self.sites if s.entropy is not None]
+        if not ent:
+            raise RuntimeError("no DER entropy recorded: run a forward pass of the model first (with handle.regularize=True)")
+        h = torch.stack(ent).mean()
+        idle = [s.anchors.anchors.sum() * 0.0 for s in self.sites if s.entropy is None]
+        return self.lam * h + (sum(idle) if idle else 0.0)
+
+    # ---------------------------------------------------------------- lookup / undo
+    def site_for_attention(self, attention: nn.Module) -> DERSite | None:
+        for s in self.sites:
+            if s.attention is attention:
+                return s
+        return None
+
+    def remove(self) -> None:
+        """Undo ``inject`` (and ``convert``): hooks, anchor parameters, the handle attribute."""
+        if self._removed:
+            return
+        if self.converted is not None:
+            self.converted.undo()
+            self.converted = None
+        self._root_hook.remove()
+        for s in self.sites:
+            s.hook.remove()
+            if getattr(s.module, ANCHOR_ATTR, None) is s.anchors:
+                delattr(s.module, ANCHOR_ATTR)
+            s.entropy = s.keys = None
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            delattr(self.model, HANDLE_ATTR)
+        self._removed = True
+
+    def __repr__(self) -> str:
+        k = self.sites[0].anchors.anchors.shape[1] if self.sites else 0
+        return f"DERHandle(arch={self.arch!r}, layers={len(self.sites)}, k={k}, lam={self.lam}, alpha={self.alpha})"
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+def inject(model: nn.Module, config: DERConfig | None = None) -> DERHandle:
+    """Attach per-head anchors and key hooks to ``model`` (in place); see the module docstring."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        raise ValueError("model already has DER injected; call handle.remove() first")
+    config = config or DERConfig()
+    arch, _, key_kind = _resolve(model, config)
+    names = list_matches(model, config)
+    n = config.seq_len or infer_seq_len(model)
+    k = config.resolve_num_anchors(n)
+    ref = next((p for p in model.parameters()), None)
+    sites: list[DERSite] = []
+    for name in names:
+        module = model.get_submodule(name)
+        parent = _parent(model, name)
+        heads, dh = _geometry(module, parent, key_kind)
+        anchors = DERAnchors(heads, k, dh)
+        if ref is not None:
+            # anchors stay fp32 for half-precision models (fp64 models get fp64 anchors)
+            anchors.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
+        if hasattr(module, ANCHOR_ATTR):
+            raise ValueError(f"{name} already has an attribute {ANCHOR_ATTR!r}")
+        module.add_module(ANCHOR_ATTR, anchors)
+        sites.append(DERSite(name, module, parent, _layer_index(name), heads, dh, key_kind, anchors))
+    handle = DERHandle(model, config, arch, sites)
+    for s in sites:
+        s.hook = s.module.register_forward_hook(handle._make_hook(s))
+    if k > n:
+        warnings.warn(f"DER: {k} anchors for sequences of {n} tokens", stacklevel=2)
+    object.__setattr__(model, HANDLE_ATTR, handle)
+    return handle
+
+
+def get_handle(model: nn.Module) -> DERHandle:
+    """The handle of an injected model (raises with a hint otherwise)."""
+    h = getattr(model, HANDLE_ATTR, None)
+    if h is None:
+        raise ValueError("model has no DER handle: call der.attention.inject(model, config) first")
+    return h
