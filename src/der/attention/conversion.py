@@ -1,0 +1,300 @@
+r"""``convert``: freeze DER block layouts and swap attention for the block-sparse kernel (Sec. 4, App. G).
+
+``convert(model, sparsity=0.75, block_size=64, mode="static")`` works on a model that went through
+:func:`der.attention.inject` (the anchors are needed):
+
+* **static** — per layer one ``(H, nb, nb)`` layout from the per-position soft assignments accumulated
+  under ``handle.calibrate()`` (pass ``calib_inputs`` to run them here), see :mod:`der.attention.layouts`;
+  shorter inputs use the top-left crop of the layout; longer inputs than calibrated fall back to dense
+  (warning + ``handle.dense_fallbacks``);
+* **dynamic** — ``(B, H, nb, nb)`` per call, routed through the anchors from the keys the key hooks see.
+
+The swap: HF models that dispatch through ``AttentionInterface`` (BERT/MiniLM, ViT, GPT-2, LLaMA, Mistral,
+Phi in transformers ≥ 5) get the attention function ``"der_block_sparse"`` registered in
+``AttentionInterface`` and ``AttentionMaskInterface`` (with the SDPA mask builder, so padding and causal
+masks arrive exactly as SDPA would see them) and ``model.set_attn_implementation("der_block_sparse")``.
+timm ``Attention`` modules (fused ``qkv``, no interface) get their ``forward`` replaced per instance.
+Layers not matched by the config keep their previous implementation (listed in ``handle.converted.dense_layers``).
+
+Never silent: whatever cannot run block-sparse — a padding mask (the kernel has no token mask), cached
+decoding (query length ≠ key length), inputs longer than the calibrated layout — runs the previous dense
+implementation, warns once per reason and counts it in ``handle.dense_fallbacks``. Attention dropout is not
+applied by the kernel (warned, counted as ``"dropout_ignored"``).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from der.attention.config import check_block_args
+from der.attention.injection import DERHandle, DERSite, get_handle
+from der.attention.kernels import block_sparse_attention
+from der.attention.layouts import dynamic_layout, layout_sparsity, num_blocks, static_layout
+
+IMPL_NAME = "der_block_sparse"
+STATE_ATTR = "_der_convert"
+
+
+@dataclass
+class ConvertState:
+    """What ``convert`` changed (``handle.converted``)."""
+
+    handle: DERHandle
+    sparsity: float
+    block_size: int
+    mode: str
+    backend: str
+    layouts: dict[str, torch.Tensor] = field(default_factory=dict)  # site name → (H, nb, nb) (static)
+    dense_layers: list[str] = field(default_factory=list)
+    hf_models: list[tuple[nn.Module, str]] = field(default_factory=list)  # (model, previous impl)
+    timm_modules: list[nn.Module] = field(default_factory=list)
+    _undo: list = field(default_factory=list)
+
+    def undo(self) -> None:
+        for fn in reversed(self._undo):
+            fn()
+        self._undo.clear()
+        self.handle.keep_keys = False
+        self.handle.regularize = True
+
+
+# --------------------------------------------------------------------------- per-call logic
+def _fallback(handle: DERHandle, reason: str) -> None:
+    if reason not in handle.dense_fallbacks:
+        warnings.warn(f"DER block-sparse attention: running dense because of {reason}", stacklevel=4)
+    handle.dense_fallbacks[reason] = handle.dense_fallbacks.get(reason, 0) + 1
+
+
+def _mask_is_trivial(mask: torch.Tensor | None, n_q: int, n_k: int, causal: bool) -> bool:
+    """True when ``mask`` allows exactly everything (or exactly the causal triangle when ``causal``)."""
+    if mask is None:
+        return True
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if causal:
+        ref = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).tril()
+        return bool((allowed == ref).all())
+    return bool(allowed.all())
+
+
+def _layout_for(state: ConvertState, site: DERSite, n: int, causal: bool, groups: int) -> torch.Tensor | None:
+    bs = state.block_size
+    nb = num_blocks(n, bs)
+    if state.mode == "static":
+        lay = state.layouts[site.name]
+        if lay.shape[-1] < nb:
+            return None
+        lay = lay[:, :nb, :nb].unsqueeze(0)
+    else:
+        keys = site.keys
+        if keys is None or keys.shape[2] != n:
+            return None
+        h = state.handle
+        lay = dynamic_layout(keys, site.anchors.anchors.detach(), bs, state.sparsity, h.alpha,
+                             h.config.metric, causal, site.key_mask)
+    if groups > 1:  # GQA: anchors live on the key/value heads; query heads share their kv head's layout
+        lay = lay.repeat_interleave(groups, dim=1)
+    return lay
+
+
+def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v, mask, dropout, scaling,
+                 causal: bool):
+    """Block-sparse attention ``(B, H, N, Dh)`` or ``None`` when it must fall back (reason recorded)."""
+    handle = state.handle
+    n = q.shape[2]
+    if k.shape[2] != n:
+        _fallback(handle, "query length ≠ key length (cached decoding)")
+        return None
+    if not _mask_is_trivial(mask, n, n, causal):
+        _fallback(handle, "a padding/custom attention mask")
+        return None
+    groups = q.shape[1] // k.shape[1]
+    lay = _layout_for(state, site, n, causal, groups)
+    if lay is None:
+        _fallback(handle, "an input longer than the calibrated layout" if state.mode == "static"
+                  else "keys not captured for this call")
+        return None
+    if dropout and module.training:
+        if "dropout_ignored" not in handle.dense_fallbacks:
+            warnings.warn("DER block-sparse attention: attention dropout is not applied by the kernel", stacklevel=4)
+        handle.dense_fallbacks["dropout_ignored"] = handle.dense_fallbacks.get("dropout_ignored", 0) + 1
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return block_sparse_attention(q, k, v, lay.to(q.device), state.block_size, causal=causal,
+                                  backend=state.backend, scale=scaling)
+
+
+def der_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                          scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """HF ``AttentionInterface`` function: block-sparse for converted layers, previous impl otherwise."""
+    rec = getattr(module, STATE_ATTR, None)
+    prev = getattr(module, "_der_prev_impl", "sdpa")
+    if rec is not None:
+        state, site = rec
+        causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
+        out = _sparse_call(state, site, module, query, key, value, attention_mask, dropout, scaling, causal)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    fn = ALL_ATTENTION_FUNCTIONS[prev] if prev != "eager" else _eager_module_fn(module)
+    return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+              **({"is_causal": is_causal} if is_causal is not None else {}), **kwargs)
+
+
+def _eager_module_fn(module: nn.Module):
+    mod = __import__(type(module).__module__, fromlist=["eager_attention_forward"])
+    return mod.eager_attention_forward
+
+
+# --------------------------------------------------------------------------- swaps
+def _hf_models(model: nn.Module) -> list[nn.Module]:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is an optional extra
+        return []
+    out, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and id(m.config) not in seen:
+            seen.add(id(m.config))
+            out.append(m)
+    return out
+
+
+def _register_hf() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(IMPL_NAME, der_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL_NAME, sdpa_mask)
+
+
+def _swap_hf(state: ConvertState, hf: nn.Module) -> None:
+    if not hf._can_set_attn_implementation():
+        raise ValueError(f"{type(hf).__name__} does not dispatch through AttentionInterface; no DER swap path")
+    _register_hf()
+    prev = hf.config._attn_implementation or "sdpa"
+    if prev == IMPL_NAME:
+        raise ValueError("model is already converted")
+    hf.set_attn_implementation(IMPL_NAME)
+    state.hf_models.append((hf, prev))
+    state._undo.append(lambda: hf.set_attn_implementation(prev))
+    for m in hf.modules():  # layers without DER keep the previous implementation
+        if hasattr(m, "is_causal") or hasattr(m, "scaling"):
+            object.__setattr__(m, "_der_prev_impl", prev)
+            state._undo.append(lambda m=m: m.__dict__.pop("_der_prev_impl", None))
+
+
+def _timm_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """timm ``Attention.forward`` with the SDPA call replaced by the block-sparse kernel.
+
+    Mirrors timm ≥ 1.0 (``qkv`` → reshape → ``q_norm``/``k_norm`` → attention → ``norm`` → ``proj``).
+    Not exercised here: timm is not installed on this machine.
+    """
+    state, site = getattr(self, STATE_ATTR)
+    B, N, C = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)  # the k_norm hook captures the keys (dynamic mode)
+    out = _sparse_call(state, site, self, q, k, v, attn_mask, self.attn_drop.p, self.scale, False)
+    if out is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0)
+    x = out.transpose(1, 2).reshape(B, N, C)
+    x = getattr(self, "norm", nn.Identity())(x)
+    return self.proj_drop(self.proj(x))
+
+
+def _swap_timm(state: ConvertState, site: DERSite) -> None:
+    mod = site.attention
+    mod.forward = types.MethodType(_timm_forward, mod)
+    state.timm_modules.append(mod)
+    state._undo.append(lambda: mod.__dict__.pop("forward", None))
+
+
+# --------------------------------------------------------------------------- public
+def convert(model: nn.Module, sparsity: float | None = None, block_size: int | None = None,
+            mode: str | None = None, *, calib_inputs=None, backend: str = "auto",
+            layouts: dict[str, torch.Tensor] | None = None) -> DERHandle:
+    """Freeze DER layouts and swap in block-sparse attention; returns the (same) handle.
+
+    Args:
+        model: a model that went through :func:`der.attention.inject`.
+        sparsity / block_size / mode: default to the handle's :class:`DERConfig`.
+        calib_inputs: iterable of batches (dict → ``model(**b)``, tensor → ``model(b)``) run under
+            ``handle.calibrate()`` before freezing static layouts (else the handle's accumulated stats).
+        backend: kernel backend of :func:`block_sparse_attention`.
+        layouts: precomputed static layouts ``{site name: (H, nb, nb)}`` (used by ``der.attention.io.load``).
+    """
+    handle = get_handle(model)
+    cfg = handle.config
+    sparsity = cfg.sparsity if sparsity is None else sparsity
+    block_size = cfg.block_size if block_size is None else block_size
+    mode = cfg.mode if mode is None else mode
+    check_block_args(block_size, sparsity, mode)
+    if handle.converted is not None:
+        raise ValueError("model is already converted; call handle.converted.undo() first")
+    state = ConvertState(handle, float(sparsity), int(block_size), mode, backend)
+    if mode == "static":
+        if layouts is None and calib_inputs is not None:
+            _calibrate(model, handle, calib_inputs)
+        for s in handle.sites:
+            if layouts is not None:
+                state.layouts[s.name] = layouts[s.name].bool()
+                continue
+            if s.stats_mass is None:
+                raise ValueError("static layouts need calibration: pass calib_inputs=..., or run forwards "
+                                 "inside `with handle.calibrate():` before convert")
+            causal = bool(getattr(s.attention, "is_causal", False))
+            state.layouts[s.name] = static_layout(s.stats_mass, s.stats_count, block_size, sparsity, causal)
+    site_by_attn = {id(s.attention): s for s in handle.sites}
+    hf = _hf_models(model)
+    timm_sites = [s for s in handle.sites if type(s.attention).__module__.startswith("timm.")]
+    if not hf and not timm_sites:
+        raise ValueError(f"no attention swap path for {type(model).__name__}: need a transformers model "
+                         "using AttentionInterface or timm Attention modules")
+    for s in handle.sites:
+        object.__setattr__(s.attention, STATE_ATTR, (state, s))
+        state._undo.append(lambda m=s.attention: m.__dict__.pop(STATE_ATTR, None))
+    for m in hf:
+        _swap_hf(state, m)
+    for s in timm_sites:
+        _swap_timm(state, s)
+    state.dense_layers = [n for n, m in model.named_modules()
+                          if "_der_prev_impl" in m.__dict__ and id(m) not in site_by_attn]
+    handle.keep_keys = mode == "dynamic"
+    handle.regularize = False
+    handle.converted = state
+    return handle
+
+
+def _calibrate(model: nn.Module, handle: DERHandle, batches) -> None:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), handle.calibrate():
+            for b in batches:
+                model(**b) if isinstance(b, dict) else model(b)
+    finally:
+        model.train(was)
+
+
+def summary(handle: DERHandle) -> dict:
+    """Achieved block sparsity per converted layer (static mode) and the fallback counters."""
+    st = handle.converted
+    if st is None:
+        raise ValueError("model is not converted")
+    out = {"mode": st.mode, "block_size": st.block_size, "target_sparsity": st.sparsity,
+           "dense_layers": list(st.dense_layers), "dense_fallbacks": dict(handle.dense_fallbacks)}
+    if st.mode == "static":
+        out["layout_sparsity"] = {
+            n: layout_sparsity(lay, bool(getattr(s.attention, "is_causal", False)))
+            for s in handle.sites for n, lay in [(s.name, st.layouts[s.name])]
+        }
+    return out

@@ -1,0 +1,130 @@
+r"""Per-head block layouts from the learned soft assignments (Sec. 4 "freeze per-head top-b supports …
+enforcing block contiguity"; App. E.4, Theorem 2).
+
+The rule
+--------
+Let :math:`p_{ij}` be the soft assignment of token :math:`i`'s key to anchor :math:`j` (Eq. 2) for one head,
+and split the N tokens into ``nb = ceil(N / bs)`` contiguous blocks of ``bs`` tokens (the last one may be
+short; missing tokens carry no mass).
+
+1. **Key-block mass** :math:`M_{bj} = \sum_{i \in b} p_{ij}` and cluster size :math:`n_j = \sum_b M_{bj}`.
+2. **Query-block routing** :math:`R_{aj} = \frac{1}{|a|}\sum_{t \in a} p_{tj}` — a query routes to the
+   clusters its own token's key belongs to (shared query/key routing, as in the Routing Transformer; the
+   regularizer only sees keys, so queries are routed through the same anchors).
+3. **Block score** :math:`S_{ab} = \sum_j R_{aj}\, M_{bj} / n_j` — the attention mass query block
+   :math:`a` puts on key block :math:`b` if each query spreads its attention uniformly over the keys of its
+   clusters (the cluster approximation behind Theorem 2: attention outside the high-mass clusters
+   :math:`S^*` is the truncation error). Every row of :math:`S` sums to 1.
+4. **Selection with an exact budget.** With ``nv`` valid blocks (``nb²``, or ``nb(nb+1)/2`` under a causal
+   mask) the head keeps exactly ``K = max(nb, round((1 - sparsity) · nv))`` blocks: the diagonal block of
+   every query block (a token always sees its own block, so no row is empty) plus the ``K - nb``
+   highest-scoring remaining blocks over the whole head (rows whose routing is concentrated keep fewer
+   blocks, diffuse rows more — a per-head top-b over blocks, b = K/nb on average). Ties are broken towards
+   the diagonal, so equal scores grow contiguous runs.
+5. **Contiguity.** The unit of selection is a block of ``bs`` consecutive keys: a kept support is a union of
+   whole contiguous blocks, which is what block-sparse kernels can skip (the paper's block contiguity).
+
+Modes: **static** — :math:`p` is the mean soft assignment per position over calibration sequences,
+giving one ``(H, nb, nb)`` layout per layer, frozen; **dynamic** — :math:`p` is computed from the current
+input's keys, giving ``(B, H, nb, nb)`` per call (routing through the learned anchors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from der import functional as DF
+
+__all__ = ["block_scores", "select_blocks", "static_layout", "dynamic_layout", "layout_sparsity", "num_blocks"]
+
+
+def num_blocks(n: int, block_size: int) -> int:
+    """``ceil(n / block_size)``; raises if the sequence is shorter than one block."""
+    if n < block_size:
+        raise ValueError(
+            f"sequence of {n} tokens is shorter than one block (block_size={block_size}); "
+            f"use a block_size ≤ {n} or longer inputs"
+        )
+    return math.ceil(n / block_size)
+
+
+def _blocked(p: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(..., N, k) → (..., nb, bs, k)`` with zero padding at the end."""
+    n = p.shape[-2]
+    nb = num_blocks(n, block_size)
+    pad = nb * block_size - n
+    if pad:
+        p = torch.nn.functional.pad(p, (0, 0, 0, pad))
+    return p.reshape(*p.shape[:-2], nb, block_size, p.shape[-1])
+
+
+def block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Steps 1–3 of the rule: ``p: (..., N, k)`` → ``S: (..., nb, nb)`` (float64, rows sum to 1).
+
+    ``weight: (..., N)`` (0/1 or counts) marks valid tokens; default all valid.
+    """
+    if p.dim() < 2:
+        raise ValueError(f"p must be (..., N, k), got shape {tuple(p.shape)}")
+    p = p.double()
+    w = torch.ones(p.shape[:-1], dtype=p.dtype, device=p.device) if weight is None else weight.double()
+    wp = _blocked(p * w.unsqueeze(-1), block_size)  # (..., nb, bs, k)
+    ww = _blocked(w.unsqueeze(-1), block_size).sum(-2)  # (..., nb, 1): valid tokens per block
+    mass = wp.sum(-2)  # M (..., nb, k)
+    route = mass / ww.clamp_min(1e-12)  # R: mean assignment of the block's tokens
+    size = mass.sum(-2, keepdim=True).clamp_min(1e-12)  # n_j
+    return route @ (mass / size).transpose(-1, -2)
+
+
+def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False) -> torch.Tensor:
+    """Step 4 of the rule: ``scores: (..., nb, nb)`` → bool layout with exactly ``K`` blocks per head."""
+    if not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    nb = scores.shape[-1]
+    if scores.dim() < 2 or scores.shape[-2] != nb:
+        raise ValueError(f"scores must be (..., nb, nb), got shape {tuple(scores.shape)}")
+    idx = torch.arange(nb, device=scores.device)
+    dist = (idx[:, None] - idx[None, :]).abs().double()
+    s = scores.double() - 1e-9 * dist  # ties → nearer the diagonal
+    s = s.masked_fill(torch.eye(nb, dtype=torch.bool, device=s.device), math.inf)
+    nv = nb * (nb + 1) // 2 if causal else nb * nb
+    if causal:
+        s = s.masked_fill(idx[None, :] > idx[:, None], -math.inf)
+    k = max(nb, int(round((1.0 - sparsity) * nv)))
+    flat = s.reshape(*s.shape[:-2], nb * nb)
+    top = flat.topk(k, dim=-1).indices
+    out = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True)
+    return out.reshape(s.shape)
+
+
+def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, sparsity: float,
+                  causal: bool = False) -> torch.Tensor:
+    """Static ``(H, nb, nb)`` layout from calibration sums: ``mass: (H, N, k)`` = Σ p, ``count: (N,)``.
+
+    Positions never seen in calibration get the uniform assignment 1/k (they carry no information).
+    """
+    if mass.dim() != 3 or count.shape != mass.shape[1:2]:
+        raise ValueError(f"mass must be (H, N, k) and count (N,), got {tuple(mass.shape)} and {tuple(count.shape)}")
+    k = mass.shape[-1]
+    c = count.double()[None, :, None]
+    p = torch.where(c > 0, mass.double() / c.clamp_min(1e-12), torch.full_like(mass, 1.0 / k, dtype=torch.float64))
+    return select_blocks(block_scores(p, block_size), sparsity, causal)
+
+
+def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, sparsity: float,
+                   alpha: float, metric: str = "sqeuclidean", causal: bool = False,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-input ``(B, H, nb, nb)`` layout: ``keys: (B, H, N, Dh)``, ``anchors: (H, k, Dh)``."""
+    with torch.no_grad():
+        p = DF.soft_assign(keys, anchors, alpha=alpha, metric=metric)
+        w = None if key_mask is None else key_mask[:, None, :].expand(p.shape[:-1])
+        return select_blocks(block_scores(p, block_size, w), sparsity, causal)
+
+
+def layout_sparsity(layout: torch.Tensor, causal: bool = False) -> float:
+    """Fraction of valid blocks that are dropped (valid: all, or the lower triangle when causal)."""
+    nb = layout.shape[-1]
+    nv = nb * (nb + 1) // 2 if causal else nb * nb
+    kept = layout.tril().sum(dim=(-1, -2)) if causal else layout.sum(dim=(-1, -2))
+    return float(1.0 - kept.double().mean() / nv)

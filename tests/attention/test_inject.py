@@ -1,0 +1,166 @@
+import pytest
+import torch
+from _der_hf_models import images, lora_llama, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, tokens
+
+from der import functional as DF
+from der.attention import DERConfig, inject, list_matches
+
+
+def _capture(module_fn, model, target_name, fwd):
+    """Record the output of ``target_name`` with an independent hook (reference for our key reader)."""
+    seen = {}
+    h = model.get_submodule(target_name).register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
+    fwd()
+    h.remove()
+    return module_fn(seen["o"])
+
+
+@pytest.mark.parametrize("make,fwd,arch", [
+    (tiny_bert, lambda m: m(input_ids=tokens()), "bert"),
+    (tiny_vit, lambda m: m(pixel_values=images()), "vit"),
+    (tiny_gpt2, lambda m: m(tokens()), "gpt2"),
+    (tiny_llama, lambda m: m(tokens()), "llama"),
+])
+def test_inject_entropy_matches_float64_reference(make, fwd, arch):
+    model = make()
+    names = list_matches(model, DERConfig())
+    assert len(names) == 2 and all(str(i) in n for i, n in enumerate(names))
+    h = inject(model, DERConfig(seq_len=64))
+    assert h.arch == arch and h.sites[0].anchors.anchors.shape[1] == 8  # ⌊√64⌋
+    s = h.sites[0]
+    heads, dh = s.heads, s.head_dim
+
+    def reader(o):
+        if arch == "gpt2":  # fused [q | k | v]
+            o = o[..., 64:128]
+        return o.reshape(o.shape[0], o.shape[1], heads, dh).transpose(1, 2)
+
+    keys = _capture(reader, model, s.name, lambda: fwd(model))
+    ent = h.entropy()
+    assert ent.shape == (2, heads)
+    ref = DF.anchor_entropy(keys.double(), s.anchors.anchors.detach().double(), alpha=5.0).mean(0)
+    torch.testing.assert_close(ent[0].double(), ref, rtol=1e-5, atol=1e-6)
+    assert bool((ent >= 0).all()) and bool((ent <= torch.log(torch.tensor(8.0)) + 1e-5).all())
+    if arch == "llama":
+        assert heads == 2  # GQA: anchors on the key/value heads
+
+
+def test_anchors_are_model_parameters_and_train():
+    model = tiny_bert()
+    n0 = sum(1 for _ in model.parameters())
+    h = inject(model, DERConfig(seq_len=64))
+    names = [n for n, _ in model.named_parameters() if "der_anchors" in n]
+    assert len(names) == 2 and sum(1 for _ in model.parameters()) == n0 + 2
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.train()
+    model(input_ids=tokens())
+    before = [p.detach().clone() for p in h.parameters()]
+    loss = h.loss()
+    assert loss.item() == pytest.approx(0.01 * h.entropy().mean().item(), rel=1e-5)
+    loss.backward()
+    key_w = model.get_submodule(h.sites[0].name).weight
+    assert key_w.grad is not None and key_w.grad.abs().sum() > 0  # gradient reaches the keys too
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, h.parameters()))
+
+
+def test_every_anchor_takes_part_even_if_a_layer_did_not_run():
+    model = tiny_bert()
+    h = inject(model, DERConfig(seq_len=64))
+    model(input_ids=tokens())
+    h.sites[1].entropy = None  # as if layer 1 were skipped (e.g. layer drop)
+    h.loss().backward()
+    assert all(p.grad is not None for p in h.parameters())
+
+
+def test_padding_tokens_are_excluded():
+    model = tiny_bert()
+    h = inject(model, DERConfig(seq_len=64, alpha=50.0))
+    x = tokens(2, 48)
+    am = torch.ones(2, 48, dtype=torch.long)
+    am[1, 30:] = 0
+    model(input_ids=x, attention_mask=am)
+    e_masked = h.entropy_by_layer()[h.sites[0].name]
+    s = h.sites[0]
+    keys = {}
+    hook = model.get_submodule(s.name).register_forward_hook(lambda m, i, o: keys.setdefault("k", o))
+    model(input_ids=x[1:, :30])
+    hook.remove()
+    k1 = keys["k"].reshape(1, 30, s.heads, s.head_dim).transpose(1, 2)
+    ref1 = DF.anchor_entropy(k1.double(), s.anchors.anchors.detach().double(), alpha=50.0)[0]
+    full = s.entropy  # (B, H) of the last (unpadded) forward
+    torch.testing.assert_close(full[0].double(), ref1, rtol=1e-4, atol=1e-5)
+    assert e_masked.shape == (s.heads,)
+
+
+def test_data_init_uses_keys():
+    model = tiny_bert()
+    h = inject(model, DERConfig(seq_len=64))
+    s = h.sites[0]
+    assert not bool(s.anchors.initialized)
+    seen = {}
+    hk = model.get_submodule(s.name).register_forward_hook(lambda m, i, o: seen.setdefault("k", o))
+    model(input_ids=tokens())
+    hk.remove()
+    keys = seen["k"].reshape(-1, s.heads, s.head_dim).transpose(0, 1)  # (H, B·N, Dh)
+    a = s.anchors.anchors.detach()
+    d = (a[:, :, None] - keys.detach()[:, None]).pow(2).sum(-1).amin(-1)
+    assert bool(s.anchors.initialized) and float(d.max()) < 1e-10  # every anchor is one of the keys
+
+
+def test_remove_undoes_everything():
+    model = tiny_gpt2()
+    x = tokens()
+    ref = model(x).logits
+    sd_keys = set(model.state_dict())
+    h = inject(model, DERConfig(seq_len=64))
+    assert any("der_anchors" in k for k in model.state_dict())
+    h.remove()
+    assert set(model.state_dict()) == sd_keys and not hasattr(model, "_der_handle")
+    torch.testing.assert_close(model(x).logits, ref)
+    assert not model._forward_pre_hooks and all(not m._forward_hooks for m in model.modules())
+    inject(model, DERConfig(seq_len=64)).remove()  # can inject again
+
+
+def test_layers_exclude_and_regex():
+    model = tiny_llama()
+    assert list_matches(model, DERConfig(layers_to_transform=[1])) == ["model.layers.1.self_attn.k_proj"]
+    assert list_matches(model, DERConfig(exclude_modules=["layers.0.self_attn.k_proj"])) == [
+        "model.layers.1.self_attn.k_proj"]
+    assert len(list_matches(model, DERConfig(target_modules=r".*\.k_proj", key_kind="linear"))) == 2
+
+
+def test_unmatched_pattern_raises_with_candidates():
+    with pytest.raises(ValueError, match=r"matched no module.*k_proj"):
+        list_matches(tiny_llama(), DERConfig(target_modules=["wk"]))
+    with pytest.raises(ValueError, match="no DER defaults"):
+        inject(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    m = tiny_bert()
+    inject(m, DERConfig(seq_len=64))
+    with pytest.raises(ValueError, match="already"):
+        inject(m)
+
+
+def test_peft_lora_skips_base_layer_and_trains():
+    model = lora_llama()
+    names = list_matches(model, DERConfig())
+    assert len(names) == 2 and all(n.endswith("self_attn.k_proj") for n in names)
+    assert not any("base_layer" in n or "lora_" in n for n in names)
+    h = inject(model, DERConfig(seq_len=64))
+    model.train()
+    out = model(input_ids=tokens())
+    (out.logits.float().pow(2).mean() + h.loss()).backward()
+    assert all(p.grad is not None for p in h.parameters())
+    lora_k = [p for n, p in model.named_parameters() if "k_proj.lora_B" in n]  # B starts at 0, A gets no grad
+    assert lora_k and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_k)
+    h.remove()
+    assert not any("der_anchors" in n for n, _ in model.named_parameters())
+
+
+def test_timm_vit_keys_via_k_norm():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=3).eval()
+    h = inject(model, DERConfig(layers_to_transform=[0, 1]))
+    model(torch.randn(2, 3, 64, 64))
+    ent = h.entropy()
+    assert ent.shape == (2, model.blocks[0].attn.num_heads) and bool(torch.isfinite(ent).all())
