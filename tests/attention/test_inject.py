@@ -61,7 +61,7 @@ def test_anchors_are_model_parameters_and_train():
     key_w = model.get_submodule(h.sites[0].name).weight
     assert key_w.grad is not None and key_w.grad.abs().sum() > 0  # gradient reaches the keys too
     opt.step()
-    assert all(not torch.equal(b, p) for b, p in zip(before, h.parameters()))
+    assert all(not torch.equal(b, p) for b, p in zip(before, h.parameters(), strict=True))
 
 
 def test_every_anchor_takes_part_even_if_a_layer_did_not_run():

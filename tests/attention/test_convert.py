@@ -1,0 +1,146 @@
+import pytest
+import torch
+from _der_hf_models import images, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, tokens
+
+from der.attention import DERConfig, convert, inject
+from der.attention import io as der_io
+from der.attention.conversion import summary
+
+CASES = {
+    "bert": (tiny_bert, lambda m, x: m(input_ids=x).last_hidden_state, lambda: tokens(2, 64)),
+    "vit": (tiny_vit, lambda m, x: m(pixel_values=x).logits, images),
+    "gpt2": (tiny_gpt2, lambda m, x: m(x).logits, lambda: tokens(2, 64)),
+    "llama": (tiny_llama, lambda m, x: m(x).logits, lambda: tokens(2, 64)),
+}
+
+
+def _setup(name, **kw):
+    make, fwd, data = CASES[name]
+    model, x = make(), data()
+    with torch.no_grad():
+        ref = fwd(model, x)
+    h = inject(model, DERConfig(seq_len=64, block_size=16, **kw))
+    return model, fwd, x, ref, h
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_zero_sparsity_equals_dense(name, mode):
+    model, fwd, x, ref, h = _setup(name)
+    convert(model, sparsity=0.0, mode=mode, calib_inputs=[x] if name != "bert" else [{"input_ids": x}])
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(model, x), ref, atol=2e-5, rtol=1e-4)
+    assert h.dense_fallbacks == {}
+    h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(model, x), ref)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_sparse_kernel_equals_masked_dense_reference(name):
+    outs, lays = {}, {}
+    for backend in ("cpu", "dense"):
+        model, fwd, x, ref, h = _setup(name)
+        calib = [{"input_ids": x}] if name == "bert" else [x]
+        convert(model, sparsity=0.5, calib_inputs=calib, backend=backend)
+        with torch.no_grad():
+            outs[backend] = fwd(model, x)
+        lays[backend] = h.converted.layouts
+        info = summary(h)
+        assert all(v == pytest.approx(0.5, abs=0.1) for v in info["layout_sparsity"].values())
+        assert info["dense_fallbacks"] == {}
+    torch.testing.assert_close(outs["cpu"], outs["dense"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs["cpu"], ref, atol=1e-4)  # really sparse, not dense in disguise
+    causal = name != "bert"
+    for lay in lays["cpu"].values():
+        assert lay.shape == (h.sites[0].heads, 4, 4) and (not causal or not bool(lay.triu(1).any()))
+
+
+def test_dynamic_layouts_are_per_input_and_gqa_expanded():
+    model, fwd, x, ref, h = _setup("llama", mode="dynamic")
+    convert(model, sparsity=0.5)
+    seen = []
+    import der.attention.conversion as C
+
+    orig = C.block_sparse_attention
+
+    def spy(q, k, v, layout, *a, **kw):
+        seen.append(layout)
+        return orig(q, k, v, layout, *a, **kw)
+
+    C.block_sparse_attention = spy
+    try:
+        with torch.no_grad():
+            fwd(model, x)
+    finally:
+        C.block_sparse_attention = orig
+    assert len(seen) == 2 and seen[0].shape == (2, 4, 4, 4)  # (B, H_query, nb, nb)
+    assert torch.equal(seen[0][:, 0], seen[0][:, 1])  # query heads 0,1 share kv head 0
+    assert h.dense_fallbacks == {}
+
+
+def test_padding_falls_back_loudly():
+    model, fwd, x, ref, h = _setup("bert")
+    convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}])
+    am = torch.ones_like(x)
+    am[1, 40:] = 0
+    with pytest.warns(UserWarning, match="running dense"), torch.no_grad():
+        out = model(input_ids=x, attention_mask=am).last_hidden_state
+    assert h.dense_fallbacks.get("a padding/custom attention mask") == 2
+    h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(input_ids=x, attention_mask=am).last_hidden_state)
+
+
+def test_longer_than_calibrated_and_too_short():
+    model, fwd, x, ref, h = _setup("bert")
+    convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x[:, :32]}])
+    with torch.no_grad():
+        fwd(model, x[:, :24])  # shorter: cropped layout, sparse
+        assert h.dense_fallbacks == {}
+        with pytest.warns(UserWarning, match="longer than the calibrated"):
+            fwd(model, x)
+        with pytest.raises(ValueError, match="shorter than one block"):
+            fwd(model, x[:, :8])
+
+
+def test_needs_calibration_and_injection():
+    model, fwd, x, ref, h = _setup("bert")
+    with pytest.raises(ValueError, match="calibration"):
+        convert(model)
+    with pytest.raises(ValueError, match="inject"):
+        convert(tiny_bert())
+    with pytest.raises(ValueError, match="sparsity"):
+        convert(model, sparsity=1.5)
+
+
+def test_trains_through_block_sparse_kernel():
+    model, fwd, x, ref, h = _setup("bert")
+    convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}])
+    model.train()
+    h.regularize = True  # keep regularizing while fine-tuning the converted model
+    out = fwd(model, x)
+    (out.pow(2).mean() + h.loss()).backward()
+    w = model.encoder.layer[0].attention.self.query.weight
+    assert w.grad is not None and bool(torch.isfinite(w.grad).all()) and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_save_load_roundtrip(tmp_path, mode):
+    model, fwd, x, ref, h = _setup("gpt2", mode=mode)
+    model(x)  # initializes anchors from data
+    convert(model, sparsity=0.5, calib_inputs=[x])
+    with torch.no_grad():
+        want = fwd(model, x)
+    der_io.save(h, tmp_path / "der")
+    fresh = tiny_gpt2()
+    h2 = der_io.load(fresh, tmp_path / "der.json")
+    for a, b in zip(h.parameters(), h2.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    if mode == "static":
+        for n, lay in h.converted.layouts.items():
+            assert torch.equal(lay, h2.converted.layouts[n])
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(fresh, x), want)
+    with pytest.raises(ValueError, match="do not match"):
+        der_io.load(tiny_llama(), tmp_path / "der")
