@@ -1,0 +1,209 @@
+"""ViT on digits: dense vs DER vs L1 vs magnitude top-b vs BigBird at equal block sparsity (Tables 4, 5, 24).
+
+Protocol (``der exp vit-digits [--quick]``):
+
+1. Train a dense tiny ViT and a DER ViT (``der.attention.inject``: per-head anchors on the keys,
+   loss = CE + λ·H_diff) on the digits (64×64, 4×4 patches → 257 tokens); if
+   ``der.attention.baselines`` provides an L1 attention penalty, also an L1 model.
+2. For every sparsity (50/75/80% of key blocks dropped) build a block-sparse model through
+   ``der.attention.convert`` with the same kernel for every method — DER: layouts from its anchors'
+   calibrated soft assignments; magnitude top-b: the top blocks of the dense model's own attention mass
+   (same selection rule, ``layouts.select_blocks``); L1: top-b of the L1 model's attention; BigBird:
+   ``baselines.bigbird_layout`` — then fine-tune every sparse model for ``finetune_epochs`` epochs.
+3. Report top-1, achieved block sparsity, mean contiguous run length of kept key blocks per query block
+   (Table 4's "mean block length", in blocks), attention+linear FLOPs from the formula
+   ``4·N²·Dh·H·density + linear layers``, and median forward latency (batch ``latency_batch``).
+
+Wall-clock numbers on this shared 2-core machine are noisy; the JSON records the thread count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from der.data import digits_dataset
+from der.experiments.common import (
+    ViTSpec,
+    accuracy,
+    attention_block_scores,
+    median_ms,
+    parse_config,
+    tiny_vit,
+    train_classifier,
+    write_result,
+)
+
+
+@dataclasses.dataclass
+class ViTDigitsConfig:
+    sparsities: tuple[float, ...] = (0.5, 0.75, 0.8)
+    block_size: int = 16
+    epochs: int = 12
+    finetune_epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 64
+    train_limit: int | None = None
+    test_limit: int | None = None
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    lam: float = 0.01
+    alpha: float = 5.0
+    l1_lam: float = 1e-3
+    latency_batch: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sparsities or any(not 0 <= s < 1 for s in self.sparsities):
+            raise ValueError(f"sparsities must be in [0, 1), got {self.sparsities}")
+        if self.epochs < 1 or self.finetune_epochs < 0:
+            raise ValueError(f"epochs must be >= 1 and finetune_epochs >= 0, got {self.epochs}, {self.finetune_epochs}")
+
+    @classmethod
+    def quick(cls) -> ViTDigitsConfig:
+        return cls(sparsities=(0.75,), epochs=4, finetune_epochs=1, train_limit=600, test_limit=200, hidden=32,
+                   heads=2, latency_batch=32)
+
+    def spec(self) -> ViTSpec:
+        return ViTSpec(hidden=self.hidden, layers=self.layers, heads=self.heads, mlp=2 * self.hidden)
+
+
+def mean_run_length(layout: torch.Tensor) -> float:
+    """Mean length (in blocks) of maximal runs of consecutive kept key blocks, over all query-block rows."""
+    lay = layout.bool().reshape(-1, layout.shape[-1]).to(torch.int8)
+    starts = lay.clone()
+    starts[:, 1:] = (lay[:, 1:] == 1) & (lay[:, :-1] == 0)
+    runs = int(starts.sum())
+    return float(lay.sum()) / max(runs, 1)
+
+
+def vit_flops(spec: ViTSpec, n: int, density: float) -> float:
+    """Forward FLOPs per image: linear layers + attention (QKᵀ and PV) scaled by the kept-block density."""
+    d, m = spec.hidden, spec.mlp
+    linear = 2 * n * (4 * d * d + 2 * d * m)
+    attn = 4 * n * n * d * density
+    return float(spec.layers * (linear + attn))
+
+
+def _fresh(cfg: ViTDigitsConfig, state: dict | None):
+    from der.attention import DERConfig, inject
+
+    model = tiny_vit(cfg.spec())
+    handle = inject(model, DERConfig(block_size=cfg.block_size, lam=cfg.lam, alpha=cfg.alpha, seed=cfg.seed))
+    if state is not None:
+        model.load_state_dict(state)
+    return model, handle
+
+
+def _l1_penalty():
+    try:
+        from der.attention import baselines
+    except ImportError:
+        return None
+    return getattr(baselines, "l1_attention_penalty", None)
+
+
+def _bigbird(heads: int, nb: int, sparsity: float, seed: int):
+    from der.attention import baselines
+
+    return baselines.bigbird_layout(nb, sparsity=sparsity, heads=heads, seed=seed)
+
+
+def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
+    from der.attention import convert
+    from der.attention.layouts import layout_sparsity, select_blocks
+
+    torch.manual_seed(cfg.seed)
+    data = digits_dataset(seed=cfg.seed, limit=None)
+    train = data.train if cfg.train_limit is None else torch.utils.data.Subset(data.train, range(cfg.train_limit))
+    xt, yt = data.test.tensors
+    if cfg.test_limit is not None:
+        xt, yt = xt[: cfg.test_limit], yt[: cfg.test_limit]
+    spec = cfg.spec()
+    n_tokens = (spec.image_size // spec.patch_size) ** 2 + 1
+    calib = [{"pixel_values": xt[i : i + 64]} for i in range(0, min(len(xt), 256), 64)]
+    xb = xt[: cfg.latency_batch]
+
+    def train_variant(name: str, make_extra=None, handle_reg=True):
+        model, handle = _fresh(cfg, None)
+        handle.regularize = handle_reg
+        extra = make_extra(handle) if make_extra is not None else None
+        metrics = train_classifier(model, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                   out_dir=run_dir / name, config=cfg, seed=cfg.seed, extra_loss=extra,
+                                   on_step=lambda s: handle.step())
+        return model, handle, metrics
+
+    results: dict = {"methods": {}, "n_tokens": n_tokens}
+    dense, dh, _ = train_variant("dense", handle_reg=False)
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    dense_ms = median_ms(lambda: dense(pixel_values=xb))
+    results["methods"]["dense"] = {"top1": accuracy(dense, xt, yt), "latency_ms": dense_ms,
+                                   "flops": vit_flops(spec, n_tokens, 1.0), "block_sparsity": 0.0}
+    der, _, _ = train_variant("der", make_extra=lambda h: lambda m, x, y, lg: (h.loss(), {"H": float(h.entropy().mean())}))
+    der_state = {k: v.clone() for k, v in der.state_dict().items()}
+    results["methods"]["der_dense_kernel"] = {"top1": accuracy(der, xt, yt)}
+    sources = {"der": der_state, "magnitude_topb": dense_state}
+    skipped: dict[str, str] = {}
+    l1 = _l1_penalty()
+    if l1 is not None:
+        l1_model, _, _ = train_variant("l1", make_extra=lambda h: lambda m, x, y, lg: (l1(m, x, cfg.l1_lam), {}),
+                                       handle_reg=False)
+        sources["l1"] = {k: v.clone() for k, v in l1_model.state_dict().items()}
+    else:
+        skipped["l1"] = "der.attention.baselines.l1_attention_penalty not available"
+
+    for s in cfg.sparsities:
+        for method, state in list(sources.items()) + [("bigbird", dense_state)]:
+            model, handle = _fresh(cfg, state)
+            names = [site.name for site in handle.sites]
+            try:
+                if method == "der":
+                    convert(model, sparsity=s, block_size=cfg.block_size, calib_inputs=calib)
+                elif method == "bigbird":
+                    nb = -(-n_tokens // cfg.block_size)
+                    lay = [_bigbird(spec.heads, nb, s, cfg.seed + i) for i in range(len(names))]
+                    convert(model, sparsity=s, block_size=cfg.block_size, layouts=dict(zip(names, lay, strict=True)))
+                else:
+                    scores = attention_block_scores(model, calib, cfg.block_size)
+                    lay = [select_blocks(sc, s) for sc in scores]
+                    convert(model, sparsity=s, block_size=cfg.block_size, layouts=dict(zip(names, lay, strict=True)))
+            except (ImportError, AttributeError, TypeError) as e:
+                skipped[f"{method}@{s}"] = f"{type(e).__name__}: {e}"
+                continue
+            layouts = list(handle.converted.layouts.values())
+            sp = float(sum(layout_sparsity(lay) for lay in layouts) / len(layouts))
+            before = accuracy(model, xt, yt)
+            if cfg.finetune_epochs:
+                train_classifier(model, train, epochs=cfg.finetune_epochs, lr=cfg.lr / 4, batch_size=cfg.batch_size,
+                                 out_dir=run_dir / f"{method}_{s}_ft", config=cfg, seed=cfg.seed)
+            results["methods"][f"{method}@{s}"] = {
+                "top1_before_finetune": before, "top1": accuracy(model, xt, yt), "block_sparsity": sp,
+                "mean_block_length": sum(mean_run_length(lay) for lay in layouts) / len(layouts),
+                "flops": vit_flops(spec, n_tokens, 1 - sp), "latency_ms": median_ms(lambda m=model: m(pixel_values=xb)),
+                "dense_fallbacks": dict(handle.dense_fallbacks),
+            }
+    results["skipped"] = skipped
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, ns = parse_config(ViTDigitsConfig, argv, "der exp vit-digits", __doc__.split("\n\n")[0])
+    run_dir = ns.run_dir or Path("runs") / f"vit_digits{'_quick' if ns.quick else ''}"
+    res = run(cfg, run_dir)
+    path = write_result("vit_digits", cfg, ns.quick, res, ns.out)
+    _print(res)
+    print(f"wrote {path}")
+    return 0
+
+
+def _print(res: dict) -> None:
+    print(f"{'method':<22} {'top1':>6} {'sparsity':>8} {'blk len':>7} {'GFLOPs':>7} {'ms':>7}")
+    for k, v in res["methods"].items():
+        print(f"{k:<22} {v['top1']:>6.1f} {v.get('block_sparsity', float('nan')):>8.2f} "
+              f"{v.get('mean_block_length', float('nan')):>7.2f} {v.get('flops', float('nan')) / 1e9:>7.3f} "
+              f"{v.get('latency_ms', float('nan')):>7.1f}")
+    for k, v in res.get("skipped", {}).items():
+        print(f"skipped {k}: {v}")
