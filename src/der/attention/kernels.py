@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ __all__ = ["block_sparse_attention", "BACKENDS", "expand_layout"]
 BACKENDS = ("auto", "cpu", "flex", "dense")
 _CACHE_SIZE = 64
 # Gathered key+value block bytes per chunk of the CPU path (kept well inside L2/L3 on typical CPUs).
-_CHUNK_BYTES = 4 << 20
+_CHUNK_BYTES = 1 << 20
 
 
 class _LRU(OrderedDict):
@@ -136,120 +137,123 @@ def _dense(q, k, v, layout, block_size, causal, scale):
 
 
 # ----------------------------------------------------------------------------------------------- ours
-def _row_indices(layout: torch.Tensor, block_size: int, n: int, causal: bool):
-    """Per (Bl, H, query block): kept key block ids padded to K, slot validity, per-key positions."""
+@dataclass
+class _Plan:
+    """Layout-derived gather plan of the CPU path (cached per layout, N, block size, causal)."""
+
+    order: torch.Tensor  # (L, K) kept key-block ids per layout row (L = Bl*H*nb), padded to K slots
+    kvalid: torch.Tensor | None  # (L, K*bs) True = real, kept key (None: every gathered key is real)
+    kpos: torch.Tensor | None  # (L, K*bs) absolute key positions (causal only)
+    keep: torch.Tensor | None  # (L,) False = empty row → zero output (None: no empty rows)
+    nb: int
+    causal: bool
+
+    def allowed(self, rows: torch.Tensor, bs: int) -> torch.Tensor | None:
+        """Bool mask ``(c, bs or 1, K*bs)`` for flattened query-block rows ``rows`` (None: all allowed)."""
+        if self.kvalid is None:
+            return None
+        lrows = rows % self.order.shape[0]
+        allowed = self.kvalid.index_select(0, lrows)[:, None, :]
+        if self.causal:
+            qpos = (rows % self.nb)[:, None] * bs + torch.arange(bs, device=rows.device)
+            allowed = allowed & (self.kpos.index_select(0, lrows)[:, None, :] <= qpos[:, :, None])
+        return allowed
+
+
+def _make_plan(layout: torch.Tensor, block_size: int, n: int, causal: bool) -> _Plan:
     lay = _causal_layout(layout, causal)
     Bl, H, nb, _ = lay.shape
-    counts = lay.sum(-1)  # (Bl, H, nb)
+    lay = lay.reshape(Bl * H * nb, nb)
+    counts = lay.sum(-1)  # (L,)
     K = max(int(counts.max()), 1)
-    order = torch.argsort((~lay).to(torch.int8), dim=-1, stable=True)[..., :K]  # kept blocks first
-    slot = torch.arange(K, device=lay.device)
-    valid = slot < counts[..., None]  # (Bl, H, nb, K)
+    order = torch.argsort((~lay).to(torch.int8), dim=-1, stable=True)[:, :K]  # kept blocks first, ascending
     empty = counts == 0
-    order = torch.where(empty[..., None], torch.zeros_like(order), order)
-    t = torch.arange(block_size, device=lay.device)
-    kpos = (order[..., None] * block_size + t).reshape(Bl, H, nb, K * block_size)
-    kvalid = (valid[..., None] & (kpos.view(Bl, H, nb, K, block_size) < n)).reshape(Bl, H, nb, K * block_size)
-    # Empty rows compute against the (fully real) block 0 and are zeroed afterwards: no -inf-only rows.
-    kvalid = kvalid | (empty[..., None] & (slot.repeat_interleave(block_size) == 0))
-    needs_bias = bool((~kvalid).any()) or causal
-    return order, kvalid, kpos, empty, needs_bias
+    order = order.masked_fill(empty[:, None], 0)
+    slot = torch.arange(K, device=lay.device)
+    kpos = (order[..., None] * block_size + torch.arange(block_size, device=lay.device)).flatten(1)
+    kvalid = ((slot < counts[:, None]).repeat_interleave(block_size, -1)) & (kpos < n)
+    # Empty rows compute against block 0 (always fully real: N >= block_size) and are zeroed afterwards,
+    # so no row is all -inf (no NaN in forward or backward).
+    kvalid |= empty[:, None] & (slot == 0).repeat_interleave(block_size)
+    needs_mask = causal or not bool(kvalid.all())
+    return _Plan(order=order, kvalid=kvalid if needs_mask else None, kpos=kpos if causal else None,
+                 keep=~empty if bool(empty.any()) else None, nb=nb, causal=causal)
 
 
 class _GatherAttention(torch.autograd.Function):
-    """Chunked gather + batched-matmul attention over kept key blocks, recompute in backward."""
+    """Chunked gather + batched-matmul attention over kept key blocks; recompute in backward."""
 
     @staticmethod
-    def forward(ctx, qb, kf, vf, flat_idx, kvalid, kpos, keep, scale, causal, nb, chunk):
-        # qb: (R, bs, Dh) query blocks; kf, vf: (R_k, bs, Dh) key/value blocks; flat_idx: (R, K) rows into
-        # kf; kvalid, kpos: (R, K*bs) or None; keep: (R, 1, 1) 0/1 (0 = empty row → zero output).
-        R, bs, Dh = qb.shape
+    def forward(ctx, qb, kf, vf, idx, keep, plan, scale, chunk):
+        # qb, kf, vf: (R, bs, Dh) query/key/value blocks, R = B*H*nb; idx: (R, K) rows of kf to gather;
+        # keep: (R, 1, 1) 0/1 or None (0 = empty row → zero output).
+        R = qb.shape[0]
+        qs = qb * scale
         out = torch.empty_like(qb)
-        lse = torch.empty(R, bs, 1, dtype=qb.dtype, device=qb.device)
         for c0 in range(0, R, chunk):
             sl = slice(c0, min(c0 + chunk, R))
-            p, vg, _ = _probs(qb, kf, vf, flat_idx, kvalid, kpos, sl, scale, causal, nb, lse_out=lse)
+            p, _, vg = _probs(qs, kf, vf, idx, plan, sl)
             torch.bmm(p, vg, out=out[sl])
-        out.mul_(keep)
-        ctx.save_for_backward(qb, kf, vf, flat_idx, kvalid, kpos, keep, out, lse)
-        ctx.scale, ctx.causal, ctx.nb, ctx.chunk = scale, causal, nb, chunk
+        if keep is not None:
+            out.mul_(keep)
+        ctx.save_for_backward(qb, kf, vf, idx, keep, out)
+        ctx.plan, ctx.scale, ctx.chunk = plan, scale, chunk
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qb, kf, vf, flat_idx, kvalid, kpos, keep, out, lse = ctx.saved_tensors
-        scale, causal, nb, chunk = ctx.scale, ctx.causal, ctx.nb, ctx.chunk
-        dout = dout.contiguous() * keep
+        qb, kf, vf, idx, keep, out = ctx.saved_tensors
+        plan, scale, chunk = ctx.plan, ctx.scale, ctx.chunk
+        R, bs, Dh = qb.shape
+        dout = dout.contiguous() if keep is None else dout * keep
+        qs = qb * scale
         dq = torch.empty_like(qb)
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
-        delta = (dout * out).sum(-1, keepdim=True)  # (R, bs, 1)
-        R, bs, Dh = qb.shape
+        delta = (dout * out).sum(-1, keepdim=True)  # δ = rowsum(dO ∘ O), (R, bs, 1)
         for c0 in range(0, R, chunk):
             sl = slice(c0, min(c0 + chunk, R))
-            p, vg, kg = _probs(qb, kf, vf, flat_idx, kvalid, kpos, sl, scale, causal, nb, lse_in=lse)
-            do = dout[sl]
-            idx = flat_idx[sl].reshape(-1)
-            dv.index_add_(0, idx, torch.bmm(p.transpose(1, 2), do).view(-1, bs, Dh))
+            p, kg, vg = _probs(qs, kf, vf, idx, plan, sl)
+            do, rows = dout[sl], idx[sl].reshape(-1)
+            dv.index_add_(0, rows, torch.bmm(p.transpose(1, 2), do).view(-1, bs, Dh))
             ds = torch.bmm(do, vg.transpose(1, 2)).sub_(delta[sl]).mul_(p)  # dS = P ∘ (dP − δ)
-            ds.mul_(scale)
             torch.bmm(ds, kg, out=dq[sl])
-            dk.index_add_(0, idx, torch.bmm(ds.transpose(1, 2), qb[sl]).view(-1, bs, Dh))
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+            dk.index_add_(0, rows, torch.bmm(ds.transpose(1, 2), qs[sl]).view(-1, bs, Dh))
+        return dq.mul_(scale), dk, dv, None, None, None, None, None
 
 
-def _probs(qb, kf, vf, flat_idx, kvalid, kpos, sl, scale, causal, nb, lse_out=None, lse_in=None):
-    """Softmax probabilities of one chunk of query blocks; writes or reads the row log-sum-exp."""
-    q = qb[sl]
+def _probs(qs, kf, vf, idx, plan, sl):
+    """Softmax probabilities ``(c, bs, K*bs)`` of one chunk of (pre-scaled) query blocks, gathered K, V."""
+    q = qs[sl]
     c, bs, Dh = q.shape
-    idx = flat_idx[sl].reshape(-1)
-    kg = kf.index_select(0, idx).view(c, -1, Dh)
-    vg = vf.index_select(0, idx).view(c, -1, Dh)
-    s = torch.bmm(q, kg.transpose(1, 2)).mul_(scale)  # (c, bs, K*bs)
-    if kvalid is not None:
-        allowed = kvalid[sl][:, None, :]
-        if causal:
-            rows = torch.arange(sl.start, sl.start + c, device=q.device) % nb
-            qpos = rows[:, None] * bs + torch.arange(bs, device=q.device)  # absolute query positions
-            allowed = allowed & (kpos[sl][:, None, :] <= qpos[:, :, None])
+    rows = idx[sl].reshape(-1)
+    kg = kf.index_select(0, rows).view(c, -1, Dh)
+    vg = vf.index_select(0, rows).view(c, -1, Dh)
+    s = torch.bmm(q, kg.transpose(1, 2))
+    allowed = plan.allowed(torch.arange(sl.start, sl.stop, device=q.device), bs)
+    if allowed is not None:
         s.masked_fill_(~allowed, float("-inf"))
-    if lse_in is None:
-        m = s.amax(-1, keepdim=True)
-        s.sub_(m).exp_()
-        denom = s.sum(-1, keepdim=True)
-        s.div_(denom)
-        lse_out[sl] = m + denom.log()
-    else:
-        s.sub_(lse_in[sl]).exp_()
-    return s, vg, kg
+    return torch.softmax(s, -1), kg, vg
 
 
 def _gather_path(q, k, v, layout, block_size, causal, scale):
     B, H, N, Dh = q.shape
     nb = math.ceil(N / block_size)
-    npad = nb * block_size
+    npad, R = nb * block_size, B * H * nb
     key = (_layout_key(layout), block_size, N, causal)
-    order, kvalid, kpos, empty, needs_bias = _INDEX_CACHE.get_or(
-        key, lambda: _row_indices(layout, block_size, N, causal))
-    K = order.shape[-1]
-    base = (torch.arange(B * H, device=q.device) * nb).view(B, H, 1, 1)
-    flat_idx = (order.expand(B, H, nb, K) + base).reshape(B * H * nb, K)
-    R = B * H * nb
+    plan = _INDEX_CACHE.get_or(key, lambda: _make_plan(layout, block_size, N, causal))
+    L, K = plan.order.shape
+    rows = torch.arange(R, device=q.device)
+    idx = plan.order.index_select(0, rows % L) + (rows // nb * nb)[:, None]  # (R, K) rows of key blocks
+    keep = None if plan.keep is None else plan.keep.index_select(0, rows % L).to(q.dtype).view(R, 1, 1)
 
     def blocks(t):
         if npad != N:
             t = F.pad(t, (0, 0, 0, npad - N))
         return t.reshape(R, block_size, Dh)
 
-    keep = (~empty).expand(B, H, nb).reshape(R, 1, 1).to(q.dtype)
-    if needs_bias:
-        kvalid_f = kvalid.expand(B, H, nb, -1).reshape(R, -1)
-        kpos_f = kpos.expand(B, H, nb, -1).reshape(R, -1)
-    else:
-        kvalid_f = kpos_f = None
     chunk = max(1, _CHUNK_BYTES // (2 * K * block_size * Dh * q.element_size()))
-    out = _GatherAttention.apply(blocks(q), blocks(k), blocks(v), flat_idx, kvalid_f, kpos_f, keep,
-                                 scale, causal, nb, chunk)
+    out = _GatherAttention.apply(blocks(q), blocks(k), blocks(v), idx, keep, plan, scale, chunk)
     return out.view(B, H, npad, Dh)[:, :, :N]
 
 
@@ -261,20 +265,35 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _kv_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = mask.sum(-1).to(torch.int32)
+    return counts, torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+
+
 def _block_mask(layout: torch.Tensor, block_size: int, n: int, causal: bool):
+    """``BlockMask`` of a layout: kept blocks touching the diagonal (causal) or the padded tail are
+    "partial" (``mask_mod`` evaluated), the others "full". ``mask_mod`` also encodes the layout itself,
+    because eager (uncompiled) FlexAttention evaluates ``mask_mod`` on every element."""
     from torch.nn.attention.flex_attention import BlockMask
 
     lay = _causal_layout(layout, causal)
-    counts = lay.sum(-1).to(torch.int32)
-    indices = torch.argsort((~lay).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    need_mod = causal or n % block_size != 0
+    nb = lay.shape[-1]
+    partial = torch.zeros(nb, nb, dtype=torch.bool, device=lay.device)
+    if causal:
+        partial |= torch.eye(nb, dtype=torch.bool, device=lay.device)
+    if n % block_size:
+        partial[:, -1] = True
+    lay_c = lay.contiguous()
+    per_batch = lay.shape[0] > 1
 
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = kv_idx < n
+        ok = lay_c[b if per_batch else 0, h, q_idx // block_size, kv_idx // block_size] & (kv_idx < n)
         return ok & (q_idx >= kv_idx) if causal else ok
 
-    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=block_size,
-                                    mask_mod=mask_mod if need_mod else None, seq_lengths=(n, n))
+    counts, indices = _kv_blocks(lay & partial)
+    full_counts, full_indices = _kv_blocks(lay & ~partial)
+    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(n, n))
 
 
 def _flex(q, k, v, layout, block_size, causal, scale, compiled: bool = True):

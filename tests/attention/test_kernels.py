@@ -1,0 +1,215 @@
+"""block_sparse_attention: every backend equals masked dense SDPA (forward and backward), gradcheck, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from der.attention import kernels
+from der.attention.kernels import block_sparse_attention, expand_layout
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: OpenMP sync dominates on the shared 2-core machine, so run these tests on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _inputs(B, H, N, Dh, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, Dh, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def _layout(Bl, H, nb, density, seed=0, empty_row=True):
+    g = torch.Generator().manual_seed(seed)
+    lay = torch.rand(Bl, H, nb, nb, generator=g) < density
+    if empty_row:
+        lay[0, 0, nb // 2] = False
+    return lay
+
+
+def _naive(q, k, v, layout, bs, causal, scale=None):
+    """Float64 reference: explicit masked softmax, empty rows → 0."""
+    n = q.shape[-2]
+    mask = expand_layout(layout, bs, n, causal)
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def _fwd_bwd(backend, q, k, v, lay, bs, causal, scale=None):
+    out = block_sparse_attention(q, k, v, lay, bs, causal=causal, backend=backend, scale=scale)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    return out, grads
+
+
+CASES = [  # B, Bl, H, N, Dh, bs, causal
+    (2, 1, 3, 128, 8, 32, False),
+    (2, 2, 2, 200, 16, 32, False),  # N % bs != 0, per-batch layouts
+    (1, 1, 2, 130, 8, 32, True),  # padding + causal
+    (2, 2, 3, 96, 8, 16, True),
+]
+
+
+@pytest.mark.parametrize("B,Bl,H,N,Dh,bs,causal", CASES)
+def test_cpu_and_dense_match_naive_float64(B, Bl, H, N, Dh, bs, causal):
+    q, k, v = _inputs(B, H, N, Dh)
+    lay = _layout(Bl, H, math.ceil(N / bs), 0.4)
+    ref = _naive(q, k, v, lay, bs, causal)
+    ref_g = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum(),
+                                (q, k, v))
+    for backend in ("cpu", "dense"):
+        out, grads = _fwd_bwd(backend, q, k, v, lay, bs, causal)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+        for g, r in zip(grads, ref_g, strict=True):
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_matches_dense_sdpa_float32_1e5(causal):
+    B, H, N, Dh, bs = 2, 4, 320, 32, 64
+    q, k, v = _inputs(B, H, N, Dh, torch.float32, seed=1)
+    lay = _layout(1, H, 5, 0.3, seed=1)
+    o1, g1 = _fwd_bwd("cpu", q, k, v, lay, bs, causal)
+    o2, g2 = _fwd_bwd("dense", q, k, v, lay, bs, causal)
+    assert (o1 - o2).abs().max() < 1e-5
+    for a, b in zip(g1, g2, strict=True):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_empty_rows_are_zero_with_zero_grad():
+    q, k, v = _inputs(1, 2, 96, 8)
+    lay = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+    lay[0, 1, 1] = False  # head 1, query block 1 attends to nothing
+    out, (gq, _, _) = _fwd_bwd("cpu", q, k, v, lay, 32, False)
+    assert torch.all(out[0, 1, 32:64] == 0) and torch.all(gq[0, 1, 32:64] == 0)
+    assert torch.isfinite(out).all() and out[0, 0].abs().sum() > 0
+    # causal: a row whose only kept block lies in the future is empty too
+    lay2 = torch.zeros(1, 2, 3, 3, dtype=torch.bool)
+    lay2[..., 0, 2] = True
+    lay2[..., 1:, 0] = True
+    out2 = block_sparse_attention(q, k, v, lay2, 32, causal=True)
+    assert torch.all(out2[:, :, :32] == 0)
+    torch.testing.assert_close(out2, block_sparse_attention(q, k, v, lay2, 32, causal=True, backend="dense"))
+
+
+def test_gradcheck_custom_backward():
+    q, k, v = _inputs(1, 2, 20, 3)
+    lay = _layout(1, 2, 3, 0.6, seed=3)
+    for causal in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, causal=causal: block_sparse_attention(a, b, c, lay, 8, causal=causal,
+                                                                   backend="cpu", scale=0.7),
+            (q, k, v), atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(16, 100), bs=st.sampled_from([8, 16]), density=st.floats(0.0, 1.0),
+       causal=st.booleans(), seed=st.integers(0, 10_000))
+def test_property_cpu_equals_reference(n, bs, density, causal, seed):
+    if n < bs:
+        n = bs
+    q, k, v = _inputs(1, 2, n, 4, seed=seed)
+    lay = _layout(1, 2, math.ceil(n / bs), density, seed=seed, empty_row=False)
+    out = block_sparse_attention(q, k, v, lay, bs, causal=causal, backend="cpu")
+    torch.testing.assert_close(out, _naive(q, k, v, lay, bs, causal), atol=1e-10, rtol=1e-9)
+    # invariant: a full layout is exactly dense attention
+    full = torch.ones_like(lay)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, full, bs, causal=causal), dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in _inputs(1, 2, 64, 16, torch.float32))
+    lay = _layout(1, 2, 4, 0.5, empty_row=False)
+    out = block_sparse_attention(q, k, v, lay, 16)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
+    ref = block_sparse_attention(q.float(), k.float(), v.float(), lay, 16, backend="dense")
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_flex_eager_matches_dense_cpu():
+    q, k, v = (t.detach().float() for t in _inputs(2, 2, 200, 16))
+    lay = _layout(2, 2, 7, 0.4)
+    for causal in (False, True):
+        out = kernels._flex(q, k, v, lay, 32, causal, 0.25, compiled=False)
+        ref = block_sparse_attention(q, k, v, lay, 32, causal=causal, backend="dense", scale=0.25)
+        assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_flex_compiled_matches_dense_cpu():
+    q, k, v = (t.detach().float() for t in _inputs(1, 2, 200, 16))
+    lay = _layout(1, 2, 4, 0.5)
+    out = block_sparse_attention(q, k, v, lay, 64, backend="flex")
+    ref = block_sparse_attention(q, k, v, lay, 64, backend="dense")
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_flex_cpu_training_raises_and_auto_trains():
+    q, k, v = (t.detach().float().requires_grad_() for t in _inputs(1, 2, 64, 8))
+    lay = _layout(1, 2, 2, 1.0, empty_row=False)
+    with pytest.raises(ValueError, match="no CPU backward"):
+        block_sparse_attention(q, k, v, lay, 32, backend="flex")
+    block_sparse_attention(q, k, v, lay, 32, backend="auto").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_plan_cache_reused_across_calls_and_batch_sizes():
+    lay = _layout(1, 2, 3, 0.5)
+    kernels._INDEX_CACHE.clear()
+    for B in (1, 3, 1):
+        q = torch.randn(B, 2, 96, 8)
+        block_sparse_attention(q, q, q, lay, 32)
+    assert len(kernels._INDEX_CACHE) == 1
+    q = torch.randn(1, 2, 90, 8)  # different N → new plan
+    block_sparse_attention(q, q, q, lay, 32)
+    assert len(kernels._INDEX_CACHE) == 2
+
+
+def test_bad_inputs():
+    q = torch.randn(1, 2, 64, 8)
+    lay = torch.ones(1, 2, 2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="layout must be"):
+        block_sparse_attention(q, q, q, torch.ones(1, 2, 3, 3, dtype=torch.bool), 32)
+    with pytest.raises(ValueError, match="layout must be"):
+        block_sparse_attention(q, q, q, torch.ones(2, 2, 2, 2, dtype=torch.bool), 32)
+    with pytest.raises(ValueError, match="bool"):
+        block_sparse_attention(q, q, q, lay.float(), 32)
+    with pytest.raises(ValueError, match="one dtype"):
+        block_sparse_attention(q, q.double(), q, lay, 32)
+    with pytest.raises(ValueError, match="one device"):
+        block_sparse_attention(q, q, q, lay.to("meta"), 32)
+    with pytest.raises(ValueError, match="smaller than one block"):
+        block_sparse_attention(q[:, :, :16], q[:, :, :16], q[:, :, :16], lay[..., :1, :1], 32)
+    with pytest.raises(ValueError, match="backend"):
+        block_sparse_attention(q, q, q, lay, 32, backend="triton")
+    with pytest.raises(ValueError, match="same shape"):
+        block_sparse_attention(q, q[:, :1], q, lay, 32)
+    with pytest.raises(ValueError, match=r"\(B, H, N, Dh\)"):
+        block_sparse_attention(q[0], q[0], q[0], lay, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_cuda_matches_dense_forward_backward():
+    q, k, v = (t.detach().float().cuda().requires_grad_() for t in _inputs(2, 2, 300, 64))
+    lay = _layout(1, 2, 3, 0.5).cuda()
+    for causal in (False, True):
+        o1, g1 = _fwd_bwd("flex", q, k, v, lay, 128, causal)
+        o2, g2 = _fwd_bwd("dense", q, k, v, lay, 128, causal)
+        assert (o1 - o2).abs().max() < 1e-4
+        for a, b in zip(g1, g2, strict=True):
+            assert (a - b).abs().max() < 1e-4
