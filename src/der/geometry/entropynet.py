@@ -141,6 +141,8 @@ class EntropyNet(nn.Module):
         self.head = _block(2 * cfg.widths[-1], cfg.head)  # concat(F1, tile(G)) → 128
         self.drop = nn.Dropout(cfg.dropout)  # App. G.9: dropout before the final layer
         self.out = nn.Linear(cfg.head, cfg.d)
+        nn.init.zeros_(self.out.weight)  # start at the identity S' = S (no hull error before training)
+        nn.init.zeros_(self.out.bias)
         self.surrogate = make_surrogate(cfg)
 
     # ------------------------------------------------------------------ forward pieces

@@ -11,7 +11,7 @@ Three things live here:
 * :func:`prune_hull` — the exact filter that uses the *learned ranges* (the surrogate's plane normals or
   anchor directions) as in the exact pipeline: the extreme input point along each direction is a hull
   vertex, so every point strictly inside their convex polygon can be discarded without changing the hull
-  (Akl–Toussaint). One fused numba pass for the extremes, one for the inside test.
+  (Akl–Toussaint), with the exact hull's kernels.
 * :func:`first_in_cell` — O(n) grid dedup (the paper's dedup step on a grid) with a bitmap when the grid is
   small enough, otherwise a sort.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["FusedEntropyNet", "first_in_cell", "extreme_indices", "prune_hull", "prune_maxima"]
+__all__ = ["FusedEntropyNet", "first_in_cell", "prune_hull", "prune_maxima"]
 
 _BITMAP_LIMIT = 1 << 26  # cells; 64 MiB of bools at most
 
@@ -57,67 +57,32 @@ def first_in_cell(cells: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- exact range pruning (hull)
-@numba.njit(cache=True)
-def _extremes(p: np.ndarray, w: np.ndarray) -> np.ndarray:
-    n, m = p.shape[0], w.shape[0]
-    best = np.full(m, -np.inf)
-    arg = np.zeros(m, dtype=np.int64)
-    for i in range(n):
-        x, y = p[i, 0], p[i, 1]
-        for j in range(m):
-            v = x * w[j, 0] + y * w[j, 1]
-            if v > best[j]:
-                best[j] = v
-                arg[j] = i
-    return arg
-
-
-@numba.njit(cache=True)
-def _outside_or_on(p: np.ndarray, poly: np.ndarray) -> np.ndarray:
-    """Indices of points not strictly inside the convex CCW polygon ``poly``."""
-    n, h = p.shape[0], poly.shape[0]
-    ex = np.empty(h)
-    ey = np.empty(h)
-    for k in range(h):
-        ex[k] = poly[(k + 1) % h, 0] - poly[k, 0]
-        ey[k] = poly[(k + 1) % h, 1] - poly[k, 1]
-    keep = np.empty(n, dtype=np.int64)
-    m = 0
-    for i in range(n):
-        x, y = p[i, 0], p[i, 1]
-        for k in range(h):
-            if ex[k] * (y - poly[k, 1]) - ey[k] * (x - poly[k, 0]) <= 0.0:
-                keep[m] = i
-                m += 1
-                break
-    return keep[:m]
-
-
-def extreme_indices(points: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    """Index of the extreme point of ``points: (n, 2)`` along each of ``directions: (m, 2)``."""
-    return _extremes(np.ascontiguousarray(points, np.float64), np.ascontiguousarray(directions, np.float64))
-
-
 def prune_hull(points: np.ndarray, directions: np.ndarray) -> np.ndarray:
-    """Exact hull filter: sorted indices of the points that can be hull vertices.
+    """Exact hull filter with the learned ranges: sorted indices of the points that may be hull vertices.
 
-    The extremes along ``directions`` (sorted by angle they form a convex CCW polygon of hull vertices);
-    points strictly inside it are dropped. ``hull(points[idx]) == hull(points)`` for any directions.
+    The extreme points along ``directions: (m, 2)`` (sorted by angle) form a convex CCW polygon of hull
+    vertices; every point *provably* strictly inside it is dropped, so ``hull(points[idx]) == hull(points)``
+    for any directions. Uses the exact pipeline's parallel kernels (:mod:`der.geometry._kernels`:
+    extremes + rigorous-margin edge tests), i.e. the ``auto`` hull's filter with the learned directions.
     """
+    from der.geometry import _kernels as K
+
     p = np.ascontiguousarray(points, np.float64)
     w = np.asarray(directions, np.float64)
+    w = w / np.linalg.norm(w, axis=1, keepdims=True).clip(1e-300)
     w = w[np.argsort(np.arctan2(w[:, 1], w[:, 0]))]
-    ext = _extremes(p, np.ascontiguousarray(w))
-    _, first = np.unique(ext, return_index=True)
-    poly = p[ext[np.sort(first)]]  # angular order, duplicates removed (adjacent only when ties)
-    if len(poly) < 3 or _polygon_twice_area(poly) <= 0:
+    none = np.empty(0, np.int64)
+    ext = K.extremes(p, none, True, np.ascontiguousarray(w[:, 0]), np.ascontiguousarray(w[:, 1]))
+    q = ext[np.r_[True, ext[1:] != ext[:-1]]]
+    if len(q) > 1 and q[0] == q[-1]:
+        q = q[:-1]
+    qx, qy = p[q, 0].copy(), p[q, 1].copy()
+    same = (qx == np.roll(qx, -1)) & (qy == np.roll(qy, -1))
+    qx, qy = qx[~same], qy[~same]
+    if len(qx) < 3:
         return np.arange(len(p), dtype=np.int64)
-    return _outside_or_on(p, np.ascontiguousarray(poly))
-
-
-def _polygon_twice_area(poly: np.ndarray) -> float:
-    x, y = poly[:, 0], poly[:, 1]
-    return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    a, b, thr = K.edge_tests(qx, qy, float(np.abs(p).max()))
+    return np.sort(K.filter_outside(p, none, True, a, b, thr)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- exact pruning (maxima)
