@@ -142,7 +142,7 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
     dense_ms = median_ms(lambda: dense(pixel_values=xb))
     results["methods"]["dense"] = {"top1": accuracy(dense, xt, yt), "latency_ms": dense_ms,
                                    "flops": vit_flops(spec, n_tokens, 1.0), "block_sparsity": 0.0}
-    der, _, _ = train_variant("der", make_extra=lambda h: lambda m, x, y, lg: (h.loss(), {"H": float(h.entropy().mean())}))
+    der, _, _ = train_variant("der", make_extra=lambda h: lambda m, x, y, lg: (h.loss(), {"H": float(h.entropy().detach().mean())}))
     der_state = {k: v.clone() for k, v in der.state_dict().items()}
     results["methods"]["der_dense_kernel"] = {"top1": accuracy(der, xt, yt)}
     sources = {"der": der_state, "magnitude_topb": dense_state}
