@@ -1,0 +1,250 @@
+r"""Baseline block layouts at equal block sparsity (Table 4 "same b"), all usable with the same kernel.
+
+Every layout builder keeps exactly ``b = max(1, round(density * n_blocks))`` key blocks in **every**
+query-block row, so all methods have the same block sparsity ``1 - b / n_blocks`` and rows of equal length
+(the kernel pads nothing). Layouts are bool ``(B or 1, H, n_blocks, n_blocks)``, ``True`` = keep.
+
+* :func:`dense_layout` — everything kept.
+* :func:`magnitude_layout` — top-``b`` key blocks by attention mass of a dense forward (magnitude pruning).
+* :func:`bigbird_layout` — global key blocks + sliding window + random blocks (Zaheer et al., 2020).
+* :func:`longformer_layout` — global key blocks + sliding window (Beltagy et al., 2020).
+* :class:`KMeansRouter` — Routing-Transformer-style EMA k-means over queries/keys giving per-input layouts.
+* :func:`l1_attention_penalty` — the L1 baseline's loss term (see its docstring: plain L1 of softmax rows is
+  constant, so the penalty acts on the probability mass outside the kept support).
+
+Deviation from the original sparse-attention papers, written down on purpose: BigBird/Longformer also let
+the *global query* blocks attend to every key block; that would give those rows ``n_blocks`` kept blocks and
+break the equal-``b`` budget, so here global blocks are global *keys* only (every query sees them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "blocks_per_row",
+    "dense_layout",
+    "topb_layout",
+    "block_scores",
+    "magnitude_layout",
+    "bigbird_layout",
+    "longformer_layout",
+    "KMeansRouter",
+    "l1_attention_penalty",
+    "L1_LAMBDA_GRID",
+]
+
+# App. A: λ grid searched over {0.01, 0.03, 0.1, 0.3} (0.01–0.03 best for Transformers).
+L1_LAMBDA_GRID = (0.01, 0.03, 0.1, 0.3)
+
+
+def blocks_per_row(n_blocks: int, density: float) -> int:
+    """Kept key blocks per query-block row, ``b = max(1, round(density · n_blocks))``."""
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        raise ValueError(f"n_blocks must be a positive int, got {n_blocks!r}")
+    if not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"density (kept-block fraction) must be in [0, 1], got {density!r}")
+    return max(1, min(n_blocks, round(float(density) * n_blocks)))
+
+
+def _check_heads(heads: int) -> None:
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+
+
+def dense_layout(n_blocks: int, heads: int, batch: int = 1) -> torch.Tensor:
+    """All blocks kept: ``(batch, heads, n_blocks, n_blocks)`` of ``True``."""
+    _check_heads(heads)
+    blocks_per_row(n_blocks, 1.0)
+    return torch.ones(batch, heads, n_blocks, n_blocks, dtype=torch.bool)
+
+
+def topb_layout(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``b`` highest-scoring key blocks of every row of ``scores: (..., nb, nb)``.
+
+    Ties are broken towards the diagonal (a tiny ``-|i-j|`` bias far below any real score difference).
+    """
+    nb = scores.shape[-1]
+    if scores.dim() < 2 or scores.shape[-2] != nb:
+        raise ValueError(f"scores must be (..., nb, nb), got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    b = blocks_per_row(nb, density)
+    ar = torch.arange(nb, device=scores.device, dtype=torch.float64)
+    scale = scores.detach().abs().amax().clamp_min(1e-30).double()
+    tie = -(ar[:, None] - ar[None, :]).abs() * (scale * 1e-9 / nb)
+    idx = (scores.detach().double() + tie).topk(b, dim=-1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, idx, True)
+
+
+def block_scores(attn: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Attention mass per (query block, key block): ``attn: (..., N, N)`` → ``(..., nb, nb)`` (block sums)."""
+    if attn.dim() < 2 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must be (..., N, N), got {tuple(attn.shape)}")
+    n = attn.shape[-1]
+    nb = math.ceil(n / block_size)
+    pad = nb * block_size - n
+    a = F.pad(attn.detach().abs(), (0, pad, 0, pad))
+    return a.reshape(*attn.shape[:-2], nb, block_size, nb, block_size).sum((-3, -1))
+
+
+def magnitude_layout(attn: torch.Tensor, block_size: int, density: float, per_input: bool = True
+                     ) -> torch.Tensor:
+    """Magnitude top-``b``: keep each row's ``b`` key blocks with the largest dense attention mass.
+
+    Args:
+        attn: dense attention probabilities ``(B, H, N, N)`` (or ``(H, N, N)``).
+        per_input: ``True`` → ``(B, H, nb, nb)`` per-input layouts; ``False`` → one static ``(1, H, nb, nb)``
+            layout from the batch-summed mass (frozen like the paper's static masks).
+    """
+    if attn.dim() == 3:
+        attn = attn[None]
+    if attn.dim() != 4:
+        raise ValueError(f"attn must be (B, H, N, N) or (H, N, N), got {tuple(attn.shape)}")
+    s = block_scores(attn, block_size)
+    if not per_input:
+        s = s.sum(0, keepdim=True)
+    return topb_layout(s, density)
+
+
+def _band_order(nb: int) -> torch.Tensor:
+    """``(nb, nb)`` key-block ids of each row sorted by distance to the diagonal (left before right)."""
+    ar = torch.arange(nb)
+    dist = (ar[None, :] - ar[:, None]).abs() * 2 + (ar[None, :] > ar[:, None])
+    return dist.argsort(-1)
+
+
+def _structured_layout(n_blocks: int, heads: int, density: float, num_global: int, num_random: int,
+                       seed: int) -> torch.Tensor:
+    """Per row: ``num_global`` global key blocks, then ``num_random`` random blocks, rest nearest-window."""
+    _check_heads(heads)
+    b = blocks_per_row(n_blocks, density)
+    if num_global < 0 or num_random < 0:
+        raise ValueError(f"num_global and num_random must be >= 0, got {num_global}, {num_random}")
+    g = min(num_global, b)
+    lay = torch.zeros(1, heads, n_blocks, n_blocks, dtype=torch.bool)
+    lay[..., :g] = True
+    band = _band_order(n_blocks)
+    gen = torch.Generator().manual_seed(seed)
+    n_win = max(0, b - g - num_random)
+    for i in range(n_blocks):
+        win = [j for j in band[i].tolist() if j >= g][:n_win]
+        lay[0, :, i, win] = True
+        for h in range(heads):
+            free = (~lay[0, h, i]).nonzero().flatten()
+            need = b - int(lay[0, h, i].sum())
+            pick = free[torch.randperm(len(free), generator=gen)[:need]]
+            lay[0, h, i, pick] = True
+    return lay
+
+
+def longformer_layout(n_blocks: int, heads: int, density: float, num_global: int = 1) -> torch.Tensor:
+    """Longformer: ``num_global`` global key blocks + a sliding window filling the row budget ``b``."""
+    return _structured_layout(n_blocks, heads, density, num_global, 0, seed=0)
+
+
+def bigbird_layout(n_blocks: int, heads: int, density: float, seed: int = 0, num_global: int = 1,
+                   num_random: int | None = None) -> torch.Tensor:
+    """BigBird: global key blocks + window + random blocks (per head, seeded), ``b`` per row.
+
+    ``num_random`` defaults to a third of the non-global budget (BigBird-ITC uses 3 window + 2 random +
+    2 global blocks of 7 at 64-token blocks; a third keeps the same flavour at any budget).
+    """
+    b = blocks_per_row(n_blocks, density)
+    if num_random is None:
+        num_random = max(0, b - min(num_global, b)) // 3
+    return _structured_layout(n_blocks, heads, density, num_global, num_random, seed)
+
+
+class KMeansRouter(nn.Module):
+    r"""Routing-Transformer-style baseline (Roy et al., 2021): EMA k-means centroids per head over
+    unit-normalised queries and keys; query block ``i`` keeps the ``b`` key blocks sharing the most
+    same-cluster (query, key) pairs,
+
+    .. math:: S_{ij} = \sum_c n^{Q}_{ic}\, n^{K}_{jc}, \qquad n^{Q}_{ic} = \#\{t \in \text{block } i :
+              \arg\max_{c'} \langle \hat q_t, \mu_{c'} \rangle = c\}.
+
+    In training mode each forward moves the centroids by EMA: :math:`\mu_c \leftarrow \gamma\mu_c +
+    (1-\gamma)\,\overline{x}_c` (then re-normalised), using the queries and keys assigned to ``c``.
+    Centroids are buffers (no gradient), like the original.
+    """
+
+    def __init__(self, heads: int, head_dim: int, num_clusters: int, decay: float = 0.999, seed: int = 0):
+        super().__init__()
+        _check_heads(heads)
+        if num_clusters < 1 or head_dim < 1:
+            raise ValueError(f"num_clusters and head_dim must be >= 1, got {num_clusters}, {head_dim}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        g = torch.Generator().manual_seed(seed)
+        self.decay = decay
+        self.register_buffer("centroids", F.normalize(torch.randn(heads, num_clusters, head_dim, generator=g),
+                                                      dim=-1))
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest centroid (cosine) of ``x: (B, H, N, Dh)`` → ``(B, H, N)`` cluster ids."""
+        return torch.einsum("bhnd,hcd->bhnc", F.normalize(x.detach().float(), dim=-1),
+                            self.centroids.float()).argmax(-1)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """One EMA k-means step on ``x: (B, H, N, Dh)``."""
+        H, C, D = self.centroids.shape
+        xn = F.normalize(x.detach().float(), dim=-1)
+        onehot = F.one_hot(self.assign(x), C).float()  # (B, H, N, C)
+        sums = torch.einsum("bhnc,bhnd->hcd", onehot, xn)
+        counts = onehot.sum((0, 2))[..., None]  # (H, C, 1)
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), self.centroids.float())
+        mixed = self.decay * self.centroids.float() + (1 - self.decay) * new
+        self.centroids.copy_(F.normalize(mixed, dim=-1).to(self.centroids.dtype))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, block_size: int, density: float) -> torch.Tensor:
+        """Per-input layout ``(B, H, nb, nb)`` from ``q, k: (B, H, N, Dh)``; EMA update when training."""
+        if q.dim() != 4 or q.shape != k.shape:
+            raise ValueError(f"q, k must be (B, H, N, Dh) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}")
+        H, C, D = self.centroids.shape
+        if q.shape[1] != H or q.shape[3] != D:
+            raise ValueError(f"expected H={H}, Dh={D}, got q of shape {tuple(q.shape)}")
+        if self.training:
+            self.update(torch.cat([q, k], dim=2))
+        B, _, N, _ = q.shape
+        nb = math.ceil(N / block_size)
+        pad = nb * block_size - N
+
+        def hist(x):  # (B, H, nb, C) cluster counts per block (padding rows count nowhere)
+            oh = F.pad(F.one_hot(self.assign(x), C).float(), (0, 0, 0, pad))
+            return oh.view(B, H, nb, block_size, C).sum(3)
+
+        scores = torch.einsum("bhic,bhjc->bhij", hist(q), hist(k))
+        return topb_layout(scores, density)
+
+
+def l1_attention_penalty(attn: torch.Tensor, lam: float = 0.01, block_size: int | None = None,
+                         density: float | None = None) -> torch.Tensor:
+    r"""L1 baseline loss on attention probabilities ``attn: (B, H, N, N)`` (rows sum to 1).
+
+    The plain L1 norm of a softmax row is identically 1 (zero gradient), so an L1 penalty only sparsifies
+    when it acts on the weights that would be *pruned*. With ``block_size`` and ``density``: the L1 norm of
+    the probabilities outside each row's top-``b`` key blocks (chosen without gradient), averaged over rows,
+
+    .. math:: \mathcal{L} = \lambda\,\frac{1}{BHN}\sum_{b,h,t}\ \sum_{s \notin \mathcal{K}_b(t)} |p_{ts}|.
+
+    Without them, the mass outside each row's top-``ceil(density·N)`` single entries is used with
+    ``density`` (default 0.25). Tune ``lam`` over :data:`L1_LAMBDA_GRID` (App. A).
+    """
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must be (B, H, N, N), got {tuple(attn.shape)}")
+    dens = 0.25 if density is None else float(density)
+    if block_size is not None:
+        n = attn.shape[-1]
+        keep = magnitude_layout(attn, block_size, dens, per_input=True)
+        mask = keep.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :n, :n]
+    else:
+        kk = max(1, math.ceil(dens * attn.shape[-1]))
+        idx = attn.detach().abs().topk(kk, dim=-1).indices
+        mask = torch.zeros(attn.shape, dtype=torch.bool, device=attn.device).scatter_(-1, idx, True)
+    return lam * attn.abs().masked_fill(mask, 0.0).sum(-1).mean()
