@@ -170,7 +170,8 @@ class KMeansRouter(nn.Module):
 
     In training mode each forward moves the centroids by EMA: :math:`\mu_c \leftarrow \gamma\mu_c +
     (1-\gamma)\,\overline{x}_c` (then re-normalised), using the queries and keys assigned to ``c``.
-    Centroids are buffers (no gradient), like the original.
+    Centroids are buffers (no gradient), like the original; the first training forward initialises them
+    by farthest-point sampling of its queries/keys (random unit vectors until then).
     """
 
     def __init__(self, heads: int, head_dim: int, num_clusters: int, decay: float = 0.999, seed: int = 0):
@@ -184,6 +185,19 @@ class KMeansRouter(nn.Module):
         self.decay = decay
         self.register_buffer("centroids", F.normalize(torch.randn(heads, num_clusters, head_dim, generator=g),
                                                       dim=-1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor, max_points: int = 4096) -> None:
+        """Farthest-point initialisation from ``x: (B, H, N, Dh)`` (first point: the head's mean direction)."""
+        H, C, D = self.centroids.shape
+        pts = F.normalize(x.detach().float().transpose(0, 1).reshape(H, -1, D), dim=-1)[:, :max_points]
+        chosen = [F.normalize(pts.mean(1), dim=-1)]
+        for _ in range(C):
+            sim = torch.stack([torch.einsum("hnd,hd->hn", pts, c) for c in chosen], -1).amax(-1)
+            chosen.append(pts[torch.arange(H), sim.argmin(-1)])
+        self.centroids.copy_(torch.stack(chosen[1:], 1).to(self.centroids.dtype))
+        self.initialized.fill_(True)
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest centroid (cosine) of ``x: (B, H, N, Dh)`` → ``(B, H, N)`` cluster ids."""
@@ -193,6 +207,8 @@ class KMeansRouter(nn.Module):
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """One EMA k-means step on ``x: (B, H, N, Dh)``."""
+        if not bool(self.initialized):
+            self.init_from(x)
         H, C, D = self.centroids.shape
         xn = F.normalize(x.detach().float(), dim=-1)
         onehot = F.one_hot(self.assign(x), C).float()  # (B, H, N, C)
