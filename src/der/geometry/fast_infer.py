@@ -11,7 +11,7 @@ Three things live here:
 * :func:`prune_hull` — the exact filter that uses the *learned ranges* (the surrogate's plane normals or
   anchor directions) as in the exact pipeline: the extreme input point along each direction is a hull
   vertex, so every point strictly inside their convex polygon can be discarded without changing the hull
-  (Akl–Toussaint), with the exact hull's kernels.
+  (Akl–Toussaint). One fused numba pass for the extremes, one for the inside test.
 * :func:`first_in_cell` — O(n) grid dedup (the paper's dedup step on a grid) with a bitmap when the grid is
   small enough, otherwise a sort.
 """
@@ -57,32 +57,66 @@ def first_in_cell(cells: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- exact range pruning (hull)
+@numba.njit(cache=True)
+def _extremes(p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    n, m = p.shape[0], w.shape[0]
+    best = np.full(m, -np.inf)
+    arg = np.zeros(m, dtype=np.int64)
+    for i in range(n):
+        x, y = p[i, 0], p[i, 1]
+        for j in range(m):
+            v = x * w[j, 0] + y * w[j, 1]
+            if v > best[j]:
+                best[j] = v
+                arg[j] = i
+    return arg
+
+
+@numba.njit(cache=True)
+def _not_strictly_inside(p: np.ndarray, poly: np.ndarray, margin: float) -> np.ndarray:
+    """Indices of points not *provably* strictly inside the convex CCW polygon ``poly``: a point is
+    dropped only if it is left of every edge by more than ``margin · |edge|`` (a rounding-error bound)."""
+    n, h = p.shape[0], poly.shape[0]
+    ex = np.empty(h)
+    ey = np.empty(h)
+    thr = np.empty(h)
+    for k in range(h):
+        ex[k] = poly[(k + 1) % h, 0] - poly[k, 0]
+        ey[k] = poly[(k + 1) % h, 1] - poly[k, 1]
+        thr[k] = margin * (abs(ex[k]) + abs(ey[k]))
+    keep = np.empty(n, dtype=np.int64)
+    m = 0
+    for i in range(n):
+        x, y = p[i, 0], p[i, 1]
+        for k in range(h):
+            if ex[k] * (y - poly[k, 1]) - ey[k] * (x - poly[k, 0]) <= thr[k]:
+                keep[m] = i
+                m += 1
+                break
+    return keep[:m]
+
+
 def prune_hull(points: np.ndarray, directions: np.ndarray) -> np.ndarray:
     """Exact hull filter with the learned ranges: sorted indices of the points that may be hull vertices.
 
-    The extreme points along ``directions: (m, 2)`` (sorted by angle) form a convex CCW polygon of hull
-    vertices; every point *provably* strictly inside it is dropped, so ``hull(points[idx]) == hull(points)``
-    for any directions. Uses the exact pipeline's parallel kernels (:mod:`der.geometry._kernels`:
-    extremes + rigorous-margin edge tests), i.e. the ``auto`` hull's filter with the learned directions.
+    The extreme points along ``directions: (m, 2)`` (sorted by angle) are hull vertices and form a convex
+    CCW polygon; every point provably strictly inside it is dropped (float test with a 64-ulp margin
+    relative to the coordinate scale), so ``hull(points[idx]) == hull(points)`` for any directions.
     """
-    from der.geometry import _kernels as K
-
     p = np.ascontiguousarray(points, np.float64)
     w = np.asarray(directions, np.float64)
-    w = w / np.linalg.norm(w, axis=1, keepdims=True).clip(1e-300)
     w = w[np.argsort(np.arctan2(w[:, 1], w[:, 0]))]
-    none = np.empty(0, np.int64)
-    ext = K.extremes(p, none, True, np.ascontiguousarray(w[:, 0]), np.ascontiguousarray(w[:, 1]))
+    ext = _extremes(p, np.ascontiguousarray(w))
     q = ext[np.r_[True, ext[1:] != ext[:-1]]]
     if len(q) > 1 and q[0] == q[-1]:
         q = q[:-1]
-    qx, qy = p[q, 0].copy(), p[q, 1].copy()
-    same = (qx == np.roll(qx, -1)) & (qy == np.roll(qy, -1))
-    qx, qy = qx[~same], qy[~same]
-    if len(qx) < 3:
+    poly = p[q]
+    same = (poly == np.roll(poly, -1, axis=0)).all(1)
+    poly = np.ascontiguousarray(poly[~same])
+    if len(poly) < 3:
         return np.arange(len(p), dtype=np.int64)
-    a, b, thr = K.edge_tests(qx, qy, float(np.abs(p).max()))
-    return np.sort(K.filter_outside(p, none, True, a, b, thr)).astype(np.int64)
+    margin = 64 * np.finfo(np.float64).eps * max(float(np.abs(p).max()), 1e-300)
+    return _not_strictly_inside(p, poly, margin)
 
 
 # --------------------------------------------------------------------------- exact pruning (maxima)
