@@ -68,7 +68,7 @@ def test_every_anchor_takes_part_even_if_a_layer_did_not_run():
     model = tiny_bert()
     h = inject(model, DERConfig(seq_len=64))
     model(input_ids=tokens())
-    h.sites[1].entropy = None  # as if layer 1 were skipped (e.g. layer drop)
+    h.sites[1].pending = None  # as if layer 1 were skipped (e.g. layer drop)
     h.loss().backward()
     assert all(p.grad is not None for p in h.parameters())
 
@@ -88,9 +88,36 @@ def test_padding_tokens_are_excluded():
     hook.remove()
     k1 = keys["k"].reshape(1, 30, s.heads, s.head_dim).transpose(1, 2)
     ref1 = DF.anchor_entropy(k1.double(), s.anchors.anchors.detach().double(), alpha=50.0)[0]
+    h.entropy()
     full = s.entropy  # (B, H) of the last (unpadded) forward
     torch.testing.assert_close(full[0].double(), ref1, rtol=1e-4, atol=1e-5)
     assert e_masked.shape == (s.heads,)
+
+
+def test_every_nth_step_and_batched_layers_agree():
+    model = tiny_bert()
+    h = inject(model, DERConfig(seq_len=64, every=2))
+    x = tokens()
+    model(input_ids=x)
+    e0 = h.entropy().detach()
+    per_layer = []
+    for s in h.sites:  # one layer at a time must equal the stacked evaluation
+        s_keys = {}
+        hk = model.get_submodule(s.name).register_forward_hook(lambda m, i, o, d=s_keys: d.setdefault("k", o))
+        model(input_ids=x)
+        hk.remove()
+        k = s_keys["k"].reshape(2, -1, s.heads, s.head_dim).transpose(1, 2)
+        per_layer.append(DF.anchor_entropy(k, s.anchors.anchors, alpha=5.0).mean(0).detach())
+    torch.testing.assert_close(e0, torch.stack(per_layer), rtol=1e-5, atol=1e-6)
+    h.step()  # odd step: no H, loss is 0·Σ anchors but still reaches every anchor
+    model(input_ids=x)
+    loss = h.loss()
+    assert float(loss) == 0.0
+    loss.backward()
+    assert all(p.grad is not None for p in h.parameters())
+    h.step()
+    model(input_ids=x)
+    assert float(h.loss()) > 0
 
 
 def test_data_init_uses_keys():

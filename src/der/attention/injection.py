@@ -179,6 +179,7 @@ class DERSite:
     anchors: DERAnchors
     hook: object = None
     entropy: torch.Tensor | None = None  # (B, H) of this forward
+    pending: torch.Tensor | None = None  # keys (B, H, N, Dh) of this forward, H not computed yet
     keys: torch.Tensor | None = None  # detached, only while keep_keys
     key_mask: torch.Tensor | None = None
     stats_mass: torch.Tensor | None = None  # (H, N, k) Σ over calibration sequences of p_ij
@@ -207,6 +208,11 @@ class DERHandle:
     def alpha(self) -> float:
         return self.config.alpha_at(self.steps)
 
+    @property
+    def active(self) -> bool:
+        """Whether this step computes H (``regularize`` and ``steps % config.every == 0``)."""
+        return self.regularize and self.steps % self.config.every == 0
+
     def step(self) -> None:
         """Advance the α anneal (call once per optimizer step)."""
         self.steps += 1
@@ -219,7 +225,7 @@ class DERHandle:
         mask = kwargs.get("attention_mask")
         self._key_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         for s in self.sites:
-            s.entropy = None
+            s.entropy = s.pending = None
 
     def _make_hook(self, site: DERSite):
         def hook(module, inputs, output):
@@ -232,8 +238,8 @@ class DERHandle:
                 self._init_from_keys(site, keys, mask)
             if self.keep_keys:
                 site.keys = keys.detach()
-            if self.regularize:
-                site.entropy = self._entropy(site, keys, mask)
+            if self.active:  # H is computed lazily for all layers at once (entropy()/loss())
+                site.pending = keys
             if self.calibrating:
                 self._accumulate(site, keys.detach(), mask)
 
@@ -259,12 +265,32 @@ class DERHandle:
             site.anchors.anchors.copy_(chosen.to(site.anchors.anchors))
             site.anchors.initialized.fill_(True)
 
-    def _entropy(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        anchors, alpha, metric = site.anchors.anchors, self.alpha, self.config.metric
-        if mask is None:
-            return DF.anchor_entropy(keys, anchors, alpha=alpha, metric=metric)  # (B, H)
-        p = DF.soft_assign(keys, anchors, alpha=alpha, metric=metric) * mask[:, None, :, None]
-        return DF.entropy_from_counts(p.sum(-2))
+    def _compute_pending(self) -> None:
+        """H_diff (B, H) for every layer whose keys were captured in this forward.
+
+        Layers with equal shapes are stacked and evaluated in one call of
+        :func:`der.functional.anchor_entropy` (keys ``(L, B, H, N, Dh)``, anchors ``(L, 1, H, k, Dh)``):
+        one set of kernels instead of one per layer, which is what keeps the training overhead small.
+        """
+        pending = [s for s in self.sites if s.pending is not None]
+        groups: dict[tuple, list[DERSite]] = {}
+        for s in pending:
+            mask = s.key_mask
+            key = (tuple(s.pending.shape), s.pending.dtype, tuple(s.anchors.anchors.shape),
+                   None if mask is None else id(mask))
+            groups.setdefault(key, []).append(s)
+        alpha, metric = self.alpha, self.config.metric
+        for group in groups.values():
+            x = torch.stack([s.pending for s in group]) if len(group) > 1 else group[0].pending[None]
+            a = torch.stack([s.anchors.anchors for s in group])[:, None]
+            mask = group[0].key_mask
+            if mask is None:
+                ent = DF.anchor_entropy(x, a, alpha=alpha, metric=metric)  # (L, B, H)
+            else:
+                p = DF.soft_assign(x, a, alpha=alpha, metric=metric) * mask[None, :, None, :, None]
+                ent = DF.entropy_from_counts(p.sum(-2))
+            for s, e in zip(group, ent.unbind(0), strict=True):
+                s.entropy, s.pending = e, None
 
     def _accumulate(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
         p = DF.soft_assign(keys, site.anchors.anchors.detach(), alpha=self.alpha, metric=self.config.metric)
@@ -296,6 +322,7 @@ class DERHandle:
     # ---------------------------------------------------------------- results
     def entropy_by_layer(self) -> dict[str, torch.Tensor]:
         """``{module name: (H,)}`` — this forward's H_diff per head, mean over the batch (nats)."""
+        self._compute_pending()
         out = {s.name: s.entropy.mean(0) for s in self.sites if s.entropy is not None}
         if not out:
             raise RuntimeError("no DER entropy recorded: run a forward pass of the model first (with handle.regularize=True)")
@@ -313,7 +340,10 @@ class DERHandle:
 
         Anchor sets whose layer did not run contribute ``0·Σ anchors`` so every anchor gets a gradient.
         """
+        self._compute_pending()
         ent = [s.entropy.mean() for s in self.sites if s.entropy is not None]
+        if not ent and self.regularize and not self.active:  # an off-step of `every`: keep anchors in the graph
+            return sum(s.anchors.anchors.sum() * 0.0 for s in self.sites)
         if not ent:
             raise RuntimeError("no DER entropy recorded: run a forward pass of the model first (with handle.regularize=True)")
         h = torch.stack(ent).mean()
@@ -339,7 +369,7 @@ class DERHandle:
             s.hook.remove()
             if getattr(s.module, ANCHOR_ATTR, None) is s.anchors:
                 delattr(s.module, ANCHOR_ATTR)
-            s.entropy = s.keys = None
+            s.entropy = s.keys = s.pending = None
         if getattr(self.model, HANDLE_ATTR, None) is self:
             delattr(self.model, HANDLE_ATTR)
         self._removed = True
