@@ -159,42 +159,6 @@ def chain_sorted(P, order, out) -> int:
     return k - 1  # the last point repeats the first
 
 
-@njit(cache=True, parallel=True)
-def extremes(P, idx, full, cosv, sinv):
-    """For each direction (cos_k, sin_k): the index of a point maximizing the (float) dot product,
-    over all rows of ``P`` (``full``) or over the rows ``idx``. Parallel over 16 chunks."""
-    n = P.shape[0] if full else idx.shape[0]
-    k = cosv.shape[0]
-    nchunk = 16 if n >= 1 << 15 else 1
-    best = np.full((nchunk, k), -np.inf)
-    arg = np.zeros((nchunk, k), dtype=np.int64)
-    step = (n + nchunk - 1) // nchunk
-    for c in prange(nchunk):
-        lo = c * step
-        hi = min(n, lo + step)
-        bc = np.full(k, -np.inf)
-        ac = np.zeros(k, dtype=np.int64)
-        for t in range(lo, hi):
-            i = t if full else idx[t]
-            xi = P[i, 0]
-            yi = P[i, 1]
-            for d in range(k):
-                v = cosv[d] * xi + sinv[d] * yi
-                if v > bc[d]:
-                    bc[d] = v
-                    ac[d] = i
-        best[c] = bc
-        arg[c] = ac
-    res = arg[0].copy()
-    for d in range(k):
-        bv = best[0, d]
-        for c in range(1, nchunk):
-            if best[c, d] > bv:
-                bv = best[c, d]
-                res[d] = arg[c, d]
-    return res
-
-
 @njit(cache=True)
 def edge_tests(qx, qy, scale):
     """Half-plane coefficients (A, B, thr) of the closed polygon q (no repeated consecutive vertex)
@@ -223,32 +187,51 @@ def edge_tests(qx, qy, scale):
     return a, b, thr
 
 
-@njit(cache=True, parallel=True)
-def filter_outside(P, idx, full, a, b, thr):
-    """Row indices (all rows if ``full``, else ``idx``) NOT proven strictly inside the polygon of
-    :func:`edge_tests`, in input order. Parallel over 16 chunks, then compacted."""
+def _filter_chains(P, idx, full, xb, a, b, thr, nlow, x0, inv_w, tab_lo, tab_up, brk_lo, brk_up):
+    """Row indices (all rows if ``full``, else ``idx``) NOT proven interior to the CCW polygon q.
+
+    q (vertices' x in ``xb``, ``h`` of them, plus ``xb[h] = xb[0]`` appended) starts at its lexicographic minimum; edges
+    0..nlow-1 form the lower chain (x ascending), edges nlow..h-1 the upper chain (x descending);
+    edge e's half-plane test is ``a[e]*px + b[e]*py > thr[e]`` (see :func:`edge_tests`). A point is
+    discarded iff its x lies strictly inside the x-range of lower edge e_l and of upper edge e_u and it
+    passes both tests: then it is strictly above e_l and strictly below e_u on a vertical line that
+    crosses e_l transversally, hence in the interior of the triangle (e_l, point of e_u above it), and
+    so in the interior of the hull. The edge containing px is found from a bucket table over x
+    (``tab_*[k]``: the edge at bucket k's near end) plus one branch-free step; the table only speeds
+    the search; correctness does not depend on it (a point whose edge is not found survives).
+    """
     n = P.shape[0] if full else idx.shape[0]
-    m = a.shape[0]
+    nb = tab_lo.shape[0]
     nchunk = 16 if n >= 1 << 15 else 1
     step = (n + nchunk - 1) // nchunk
     keep = np.empty(n, dtype=np.int64)
     counts = np.zeros(nchunk, dtype=np.int64)
+    xmin = xb[0]
+    xmax = xb[nlow]
     for c in prange(nchunk):
         lo = c * step
         hi = min(n, lo + step)
         w = lo
         for t in range(lo, hi):
             i = t if full else idx[t]
-            xi = P[i, 0]
-            yi = P[i, 1]
-            inside = True
-            for e in range(m):
-                if a[e] * xi + b[e] * yi <= thr[e]:
-                    inside = False
-                    break
-            if not inside:
-                keep[w] = i
-                w += 1
+            px = P[i, 0]
+            py = P[i, 1]
+            k = min(max(int((px - x0) * inv_w), 0), nb - 1)
+            # lower edge e spans xb[e] .. xb[e + 1]; upper edge f spans xb[f] (right) .. xb[f + 1]
+            e = tab_lo[k] + (brk_lo[k] <= px)  # brk_*[k] = xb[tab_*[k] + 1]: loads depend on k only
+            f = tab_up[k] + (brk_up[k] >= px)
+            inside = (
+                (xmin < px)
+                & (px < xmax)
+                & (xb[e] < px)
+                & (px < xb[e + 1])
+                & (a[e] * px + b[e] * py > thr[e])
+                & (xb[f + 1] < px)
+                & (px < xb[f])
+                & (a[f] * px + b[f] * py > thr[f])
+            )
+            keep[w] = i  # branch-free compaction: always write, advance only for survivors
+            w += not inside
         counts[c] = w - lo
     total = counts.sum()
     out = np.empty(total, dtype=np.int64)
@@ -258,3 +241,151 @@ def filter_outside(P, idx, full, a, b, thr):
         out[pos : pos + counts[c]] = keep[lo : lo + counts[c]]
         pos += counts[c]
     return out
+
+
+filter_chains = njit(cache=True)(_filter_chains)
+filter_chains_par = njit(cache=True, parallel=True)(_filter_chains)
+
+
+# ---------------------------------------------------------------- Chan's algorithm (Chan 1996)
+
+
+@njit(cache=True)
+def dedup_hash(P):
+    """Rows of the first occurrence of each distinct point, in input order (expected O(n), hashing)."""
+    seen = dict()
+    keep = np.empty(P.shape[0], dtype=np.int64)
+    m = 0
+    for i in range(P.shape[0]):
+        key = (P[i, 0] + 0.0, P[i, 1] + 0.0)
+        if key not in seen:
+            seen[key] = i
+            keep[m] = i
+            m += 1
+    return keep[:m]
+
+
+@njit(cache=True, inline="always")
+def _sgn(v: float) -> int:
+    return 1 if v > 0.0 else (-1 if v < 0.0 else 0)
+
+
+@njit(cache=True)
+def _farther(P, p, q, r) -> bool:
+    """For r collinear with p -> q and on the same side: is r strictly farther from p than q?"""
+    if P[q, 0] != P[p, 0]:
+        return (P[r, 0] > P[q, 0]) if P[q, 0] > P[p, 0] else (P[r, 0] < P[q, 0])
+    return (P[r, 1] > P[q, 1]) if P[q, 1] > P[p, 1] else (P[r, 1] < P[q, 1])
+
+
+@njit(cache=True)
+def _better(P, p, best, r) -> bool:
+    """Jarvis comparator: r is strictly right of p -> best, or collinear with it and farther."""
+    t = _turn(P, p, best, r)
+    return t < 0.0 or (t == 0.0 and _farther(P, p, best, r))
+
+
+@njit(cache=True)
+def _lex_gt(P, i, j) -> bool:
+    return P[i, 0] > P[j, 0] or (P[i, 0] == P[j, 0] and P[i, 1] > P[j, 1])
+
+
+@njit(cache=True)
+def _tangent(P, c, lo, hi, p) -> int:
+    """Next lower-hull candidate from p on the lower chain c[lo:hi] (lexicographically sorted, convex):
+    among the chain vertices lexicographically after p, the one with no other strictly right of
+    p -> it (collinear: the farthest); -1 if none. Two binary searches, O(log m): the first vertex
+    after p, then the first i with orient(p, c_i, c_{i+1}) > 0; verified, with a linear scan as the
+    fallback should the (assumed) monotonicity fail."""
+    a, b = lo, hi
+    while a < b:  # first chain vertex lexicographically greater than p
+        mid = (a + b) // 2
+        if _lex_gt(P, c[mid], p):
+            b = mid
+        else:
+            a = mid + 1
+    s = a
+    if s >= hi:
+        return -1
+    a, b = s, hi - 1
+    while a < b:
+        mid = (a + b) // 2
+        if _turn(P, p, c[mid], c[mid + 1]) > 0.0:
+            b = mid
+        else:
+            a = mid + 1
+    ok = (a == hi - 1 or _turn(P, p, c[a], c[a + 1]) > 0.0) and (a == s or _turn(P, p, c[a - 1], c[a]) <= 0.0)
+    if ok:
+        return c[a]
+    q = c[s]
+    for t in range(s + 1, hi):
+        if _better(P, p, q, c[t]):
+            q = c[t]
+    return q
+
+
+@njit(cache=True)
+def _chan_lower(P, m, out) -> int:
+    """Lower hull (lexmin .. lexmax) of the distinct points P by Chan's method with group size m;
+    writes it into out and returns its length, or -1 if it needs more than m Jarvis steps."""
+    n = P.shape[0]
+    ng = (n + m - 1) // m
+    hv = np.empty(n + ng, dtype=np.int64)
+    off = np.zeros(ng + 1, dtype=np.int64)
+    for g in range(ng):
+        a = g * m
+        b = min(n, a + m)
+        order = np.argsort(P[a:b, 0]) + a
+        lex_fix_ties(P, order)
+        k = chain_sorted(P, order, hv[off[g] :])
+        j = 0  # the lower chain ends at the group's lexicographic maximum
+        for t in range(1, k):
+            if _lex_gt(P, hv[off[g] + t], hv[off[g] + j]):
+                j = t
+        off[g + 1] = off[g] + j + 1
+    p = 0
+    for i in range(1, n):
+        if _lex_gt(P, p, i):
+            p = i
+    out[0] = p
+    h = 1
+    for _ in range(m):
+        best = -1
+        for g in range(ng):
+            cand = _tangent(P, hv, off[g], off[g + 1], p)
+            if cand >= 0 and (best == -1 or _better(P, p, best, cand)):
+                best = cand
+        if best == -1:
+            return h
+        out[h] = best
+        h += 1
+        p = best
+    return -1
+
+
+@njit(cache=True)
+def chan_hull(P):
+    """Chan's O(n log h) hull (Chan 1996) of the distinct points P (n >= 1), CCW from the lexicographic
+    minimum, strict turns only. Run on P for the lower hull and on -P (a 180-degree rotation, exact)
+    for the upper hull: groups of m = 2^(2^t) points, mini-hulls by monotone chain, then at most m
+    Jarvis steps with O(log m) tangent queries per group; m is squared until the march ends."""
+    n = P.shape[0]
+    out = np.empty(n + 1, dtype=np.int64)
+    res = np.empty(2 * n + 2, dtype=np.int64)
+    total = 0
+    for half in range(2):
+        Q = P if half == 0 else -P
+        t = 1
+        while True:
+            m = min(n, 1 << min(1 << t, 62))
+            h = _chan_lower(Q, m, out)
+            if h >= 0:
+                break
+            t += 1
+        start = 0 if half == 0 else 1
+        for j in range(start, h):
+            res[total] = out[j]
+            total += 1
+    if total >= 2 and res[total - 1] == res[0]:
+        total -= 1
+    return res[:total].copy()

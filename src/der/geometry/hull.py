@@ -42,8 +42,10 @@ __all__ = ["METHODS", "convex_hull", "hull_qhull", "warmup"]
 METHODS = ("auto", "qhull", "chan", "monotone")
 
 _SMALL = 512  # below this, filtering does not pay: monotone chain directly
-_STAGE2_MIN = 4096  # run the 64-direction stage only if more survivors than this ...
-_STAGE2_MAX_FRAC = 0.25  # ... and they are a small fraction (else the input is circle-like)
+_SAMPLE = 4096  # size of the strided sample whose exact hull is the first inner polygon
+_CIRCLE_FRAC = 0.5  # sample hull has more vertices than this fraction: do not filter
+_DONE = 20_000  # survivors few enough for the final sort + chain
+_MAX_ROUNDS = 3
 
 
 def _prepare(points) -> np.ndarray:
@@ -69,44 +71,50 @@ def _chain(P: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
     return out[:k].copy()
 
 
-def _directions(k: int) -> tuple[np.ndarray, np.ndarray]:
-    t = np.arange(k) * (2.0 * np.pi / k)
-    return np.ascontiguousarray(np.cos(t)), np.ascontiguousarray(np.sin(t))
-
-
-_DIRS = {k: _directions(k) for k in (8, 64)}
-
-
-def _filter_stage(P: np.ndarray, idx: np.ndarray | None, k: int, scale: float) -> np.ndarray | None:
-    """One extreme-direction filter stage; returns surviving row indices, or None if no polygon."""
+def _inner_polygon_filter(P: np.ndarray, q: np.ndarray, idx: np.ndarray | None, scale: float, par: bool):
+    """Rows (all, or ``idx``) not proven interior to the CCW polygon with vertex rows ``q``."""
+    xb = np.ascontiguousarray(P[q, 0])
+    yb = np.ascontiguousarray(P[q, 1])
+    h = len(q)
+    nlow = int(np.lexsort((yb, xb))[-1])  # lexicographic max ends the lower chain
+    a, b, thr = K.edge_tests(xb, yb, scale)
+    nb = 16 * h
+    x0, x1 = xb[0], xb[nlow]
+    inv_w = nb / (x1 - x0)
+    edges = x0 + np.arange(nb + 1) / inv_w  # bucket k spans edges[k] .. edges[k + 1]
+    # lower edge containing the left end of bucket k (largest e <= nlow - 1 with xb[e] <= left end)
+    tab_lo = np.clip(np.searchsorted(xb[: nlow + 1], edges[:-1], side="right") - 1, 0, nlow - 1)
+    # upper edge containing the right end of bucket k (smallest f >= nlow with xb[f + 1] < right end)
+    upx = np.append(xb[nlow:], xb[0])  # x of upper-chain vertices nlow..h, descending
+    cnt = np.searchsorted(-upx, -edges[1:], side="left")  # upper vertices with x > right end
+    tab_up = np.clip(nlow + cnt - 1, nlow, h - 1)
+    fn = K.filter_chains_par if par else K.filter_chains
     full = idx is None
-    cosv, sinv = _DIRS[k]
-    ext = K.extremes(P, np.empty(0, np.int64) if full else idx, full, cosv, sinv)
-    q = ext[np.r_[True, ext[1:] != ext[:-1]]]  # drop consecutive repeats (circularly below)
-    if len(q) > 1 and q[0] == q[-1]:
-        q = q[:-1]
-    qx, qy = P[q, 0].copy(), P[q, 1].copy()
-    # distinct indices may still be equal points: drop consecutive equal coordinates
-    same = (qx == np.roll(qx, -1)) & (qy == np.roll(qy, -1))
-    qx, qy = qx[~same], qy[~same]
-    if len(qx) < 3:
-        return None
-    a, b, thr = K.edge_tests(qx, qy, scale)
-    return K.filter_outside(P, np.empty(0, np.int64) if full else idx, full, a, b, thr)
+    xb = np.append(xb, xb[0])
+    tab_lo, tab_up = tab_lo.astype(np.int64), tab_up.astype(np.int64)
+    return fn(P, np.empty(0, np.int64) if full else idx, full, xb, a, b, thr, nlow, x0, inv_w,
+              tab_lo, tab_up, xb[tab_lo + 1], xb[tab_up + 1])
 
 
-def _auto(P: np.ndarray) -> np.ndarray:
+def _auto(P: np.ndarray, par: bool = False) -> np.ndarray:
+    """Sample hull -> provable interior filter (refined while it pays) -> exact monotone chain."""
     n = len(P)
     if n <= _SMALL:
         return _chain(P)
     scale = float(np.abs(P).max())
-    idx = _filter_stage(P, None, 8, scale)
-    if idx is None:  # fewer than 3 distinct extremes: degenerate input
-        return _chain(P)
-    if _STAGE2_MIN < len(idx) < _STAGE2_MAX_FRAC * n:
-        idx2 = _filter_stage(P, idx, 64, scale)
-        if idx2 is not None:
-            idx = idx2
+    step = max(1, n // _SAMPLE)
+    cand = np.arange(0, n, step, dtype=np.int64)
+    idx = None
+    for _ in range(_MAX_ROUNDS):
+        q = _chain(P, cand)
+        if len(q) < 3 or len(q) > _CIRCLE_FRAC * len(cand):
+            break  # degenerate, or circle-like: (almost) nothing can be discarded
+        idx = _inner_polygon_filter(P, q, idx, scale, par)
+        if len(idx) <= _DONE:
+            break
+        # refine: the hull of a sample of the survivors plus the current polygon is a larger
+        # inner polygon (its vertices are input points)
+        cand = np.union1d(q, idx[:: max(1, len(idx) // _SAMPLE)])
     return _chain(P, idx)
 
 
@@ -147,9 +155,8 @@ def convex_hull(points, method: str = "auto") -> np.ndarray:
         v = hull_qhull(P) if len(P) >= 3 else None
         return _chain(P) if v is None else _rotate_to_lexmin(P, v)
     if method == "chan":
-        from der.geometry._chan import chan
-
-        return chan(P)
+        keep = K.dedup_hash(P)
+        return keep[K.chan_hull(np.ascontiguousarray(P[keep]))]
     return _auto(P)
 
 
@@ -160,5 +167,5 @@ def warmup() -> None:
     for n in (16, 70_000):
         P = uniform_disk(n, seed=0)
         _auto(P)
-        _filter_stage(P, np.arange(n, dtype=np.int64), 64, 1.0)
+        _auto(P, par=True)
     _chain(np.zeros((3, 2)))
