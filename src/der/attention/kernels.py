@@ -196,13 +196,13 @@ class _GatherAttention(torch.autograd.Function):
             torch.bmm(p, vg, out=out[sl])
         if keep is not None:
             out.mul_(keep)
-        ctx.save_for_backward(qb, kf, vf, idx, keep, out)
+        ctx.save_for_backward(qb, kf, vf, idx, keep)
         ctx.plan, ctx.scale, ctx.chunk = plan, scale, chunk
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qb, kf, vf, idx, keep, out = ctx.saved_tensors
+        qb, kf, vf, idx, keep = ctx.saved_tensors
         plan, scale, chunk = ctx.plan, ctx.scale, ctx.chunk
         R, bs, Dh = qb.shape
         dout = dout.contiguous() if keep is None else dout * keep
@@ -210,13 +210,13 @@ class _GatherAttention(torch.autograd.Function):
         dq = torch.empty_like(qb)
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
-        delta = (dout * out).sum(-1, keepdim=True)  # δ = rowsum(dO ∘ O), (R, bs, 1)
         for c0 in range(0, R, chunk):
             sl = slice(c0, min(c0 + chunk, R))
             p, kg, vg = _probs(qs, kf, vf, idx, plan, sl)
             do, rows = dout[sl], idx[sl].reshape(-1)
             dv.index_add_(0, rows, torch.bmm(p.transpose(1, 2), do).view(-1, bs, Dh))
-            ds = torch.bmm(do, vg.transpose(1, 2)).sub_(delta[sl]).mul_(p)  # dS = P ∘ (dP − δ)
+            # dS = P ∘ (dP − rowsum(dP ∘ P)), one fused kernel (rowsum(dP ∘ P) = rowsum(dO ∘ O) = δ)
+            ds = torch._softmax_backward_data(torch.bmm(do, vg.transpose(1, 2)), p, -1, p.dtype)
             torch.bmm(ds, kg, out=dq[sl])
             dk.index_add_(0, rows, torch.bmm(ds.transpose(1, 2), qs[sl]).view(-1, bs, Dh))
         return dq.mul_(scale), dk, dv, None, None, None, None, None
