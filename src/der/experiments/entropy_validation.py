@@ -135,7 +135,7 @@ def trajectory(n: int, steps: int, every: int, seed: int, radius: float = 0.1, l
         h = anchor_entropy(x, c, alpha=ALPHA)
         if step % every == 0:
             pts = x.detach().numpy()
-            rec.append({"step": step, "H_diff": float(h), **truth(pts)})
+            rec.append({"step": step, "H_diff": float(h.detach()), **truth(pts)})
         loss = lam * h + ((x - x0) ** 2).sum(1).mean()
         opt.zero_grad()
         loss.backward()
