@@ -89,15 +89,17 @@ def test_halfspace_matches_probability_space_reference_and_gradcheck():
 
 
 def test_halfspace_explicit_cells_and_small_tau_is_stable():
-    x = torch.randn(64, 2, dtype=torch.float64)
-    w, b = torch.randn(4, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 2, dtype=torch.float64, generator=g)
+    w, b = torch.randn(4, 2, dtype=torch.float64, generator=g), torch.zeros(4, dtype=torch.float64)
     # explicit cells: only the patterns that "use" the first two planes (a coarser gate, K=4)
     a = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)
     b_codes = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.float64)
     h = F.halfspace_entropy(x, w, b, 0.3, cells=(a, b_codes))
     assert 0 <= float(h) <= math.log(4) + 1e-12
     xs = x.clone().requires_grad_(True)
-    hs = F.halfspace_entropy(xs, w, b, 1e-4)  # tiny τ: sigmoid saturates, log space stays finite
+    tau = min(1e-4, float(F.empirical_margin(x, w, b) * w.norm(dim=-1).min()) / 50)
+    hs = F.halfspace_entropy(xs, w, b, tau)  # tiny τ: sigmoid saturates, log space stays finite
     hs.backward()
     assert torch.isfinite(hs) and torch.isfinite(xs.grad).all()
     # hard limit: the entropy of the sign-pattern labels
