@@ -52,7 +52,8 @@ class ViTDigitsConfig:
     heads: int = 4
     lam: float = 0.01
     alpha: float = 5.0
-    l1_lam: float = 1e-3
+    l1_lam: float = 0.03  # App. A grid {0.01, 0.03, 0.1, 0.3}; 0 disables the L1 model
+    l1_sparsity: float = 0.75  # the support the L1 penalty pushes mass into
     latency_batch: int = 64
     seed: int = 0
 
@@ -69,15 +70,6 @@ class ViTDigitsConfig:
 
     def spec(self) -> ViTSpec:
         return ViTSpec(hidden=self.hidden, layers=self.layers, heads=self.heads, mlp=2 * self.hidden)
-
-
-def mean_run_length(layout: torch.Tensor) -> float:
-    """Mean length (in blocks) of maximal runs of consecutive kept key blocks, over all query-block rows."""
-    lay = layout.bool().reshape(-1, layout.shape[-1]).to(torch.int8)
-    starts = lay.clone()
-    starts[:, 1:] = (lay[:, 1:] == 1) & (lay[:, :-1] == 0)
-    runs = int(starts.sum())
-    return float(lay.sum()) / max(runs, 1)
 
 
 def vit_flops(spec: ViTSpec, n: int, density: float) -> float:
@@ -98,23 +90,31 @@ def _fresh(cfg: ViTDigitsConfig, state: dict | None):
     return model, handle
 
 
-def _l1_penalty():
-    try:
-        from der.attention import baselines
-    except ImportError:
-        return None
-    return getattr(baselines, "l1_attention_penalty", None)
-
-
-def _bigbird(heads: int, nb: int, sparsity: float, seed: int):
+def _structured(kind: str, heads: int, nb: int, density: float, seed: int) -> torch.Tensor:
     from der.attention import baselines
 
-    return baselines.bigbird_layout(nb, sparsity=sparsity, heads=heads, seed=seed)
+    if kind == "bigbird":
+        return baselines.bigbird_layout(nb, heads, density, seed=seed)[0]
+    return baselines.longformer_layout(nb, heads, density)[0]
+
+
+def l1_loss(lam: float, block_size: int, density: float):
+    """``loss_override`` for the L1 baseline: CE + Σ_layers ``baselines.l1_attention_penalty`` (eager attention)."""
+    from der.attention.baselines import l1_attention_penalty
+
+    def loss(m, x, y):
+        out = m(pixel_values=x, output_attentions=True)
+        pen = sum(l1_attention_penalty(a, lam, block_size, density) for a in out.attentions)
+        return torch.nn.functional.cross_entropy(out.logits, y) + pen, {"l1": float(pen.detach())}
+
+    return loss
 
 
 def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
     from der.attention import convert
-    from der.attention.layouts import layout_sparsity, select_blocks
+    from der.attention.baselines import topb_layout
+    from der.attention.layouts import layout_sparsity
+    from der.attention.metrics import mean_block_length
 
     torch.manual_seed(cfg.seed)
     data = digits_dataset(seed=cfg.seed, limit=None)
@@ -127,13 +127,16 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
     calib = [{"pixel_values": xt[i : i + 64]} for i in range(0, min(len(xt), 256), 64)]
     xb = xt[: cfg.latency_batch]
 
-    def train_variant(name: str, make_extra=None, handle_reg=True):
+    def train_variant(name: str, make_extra=None, handle_reg=True, override=None):
         model, handle = _fresh(cfg, None)
         handle.regularize = handle_reg
         extra = make_extra(handle) if make_extra is not None else None
+        if override is not None:
+            model.set_attn_implementation("eager")  # the L1 penalty needs the attention probabilities
         metrics = train_classifier(model, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                                    out_dir=run_dir / name, config=cfg, seed=cfg.seed, extra_loss=extra,
-                                   on_step=lambda s: handle.step())
+                                   loss_override=override, on_step=lambda s: handle.step())
+        model.set_attn_implementation("sdpa")
         return model, handle, metrics
 
     results: dict = {"methods": {}, "n_tokens": n_tokens}
@@ -147,28 +150,24 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
     results["methods"]["der_dense_kernel"] = {"top1": accuracy(der, xt, yt)}
     sources = {"der": der_state, "magnitude_topb": dense_state}
     skipped: dict[str, str] = {}
-    l1 = _l1_penalty()
-    if l1 is not None:
-        l1_model, _, _ = train_variant("l1", make_extra=lambda h: lambda m, x, y, lg: (l1(m, x, cfg.l1_lam), {}),
-                                       handle_reg=False)
+    if cfg.l1_lam > 0:
+        l1_model, _, _ = train_variant("l1", handle_reg=False,
+                                       override=l1_loss(cfg.l1_lam, cfg.block_size, 1 - cfg.l1_sparsity))
         sources["l1"] = {k: v.clone() for k, v in l1_model.state_dict().items()}
-    else:
-        skipped["l1"] = "der.attention.baselines.l1_attention_penalty not available"
 
     for s in cfg.sparsities:
-        for method, state in list(sources.items()) + [("bigbird", dense_state)]:
+        for method, state in list(sources.items()) + [("bigbird", dense_state), ("longformer", dense_state)]:
             model, handle = _fresh(cfg, state)
             names = [site.name for site in handle.sites]
             try:
                 if method == "der":
                     convert(model, sparsity=s, block_size=cfg.block_size, calib_inputs=calib)
-                elif method == "bigbird":
-                    nb = -(-n_tokens // cfg.block_size)
-                    lay = [_bigbird(spec.heads, nb, s, cfg.seed + i) for i in range(len(names))]
-                    convert(model, sparsity=s, block_size=cfg.block_size, layouts=dict(zip(names, lay, strict=True)))
                 else:
-                    scores = attention_block_scores(model, calib, cfg.block_size)
-                    lay = [select_blocks(sc, s) for sc in scores]
+                    if method in ("bigbird", "longformer"):
+                        nb = -(-n_tokens // cfg.block_size)
+                        lay = [_structured(method, spec.heads, nb, 1 - s, cfg.seed + i) for i in range(len(names))]
+                    else:  # magnitude top-b of this model's own dense attention (the dense or the L1 model)
+                        lay = [topb_layout(sc, 1 - s) for sc in attention_block_scores(model, calib, cfg.block_size)]
                     convert(model, sparsity=s, block_size=cfg.block_size, layouts=dict(zip(names, lay, strict=True)))
             except (ImportError, AttributeError, TypeError) as e:
                 skipped[f"{method}@{s}"] = f"{type(e).__name__}: {e}"
@@ -181,7 +180,7 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
                                  out_dir=run_dir / f"{method}_{s}_ft", config=cfg, seed=cfg.seed)
             results["methods"][f"{method}@{s}"] = {
                 "top1_before_finetune": before, "top1": accuracy(model, xt, yt), "block_sparsity": sp,
-                "mean_block_length": sum(mean_run_length(lay) for lay in layouts) / len(layouts),
+                "mean_block_length": sum(mean_block_length(lay) for lay in layouts) / len(layouts),
                 "flops": vit_flops(spec, n_tokens, 1 - sp), "latency_ms": median_ms(lambda m=model: m(pixel_values=xb)),
                 "dense_fallbacks": dict(handle.dense_fallbacks),
             }
