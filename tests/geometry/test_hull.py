@@ -1,0 +1,201 @@
+"""Exactness of der.geometry.convex_hull against QHull and an exact rational reference."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from der.geometry import data, hull
+from der.geometry.hull import METHODS, convex_hull
+
+EXACT = ("auto", "monotone", "chan")
+
+
+def ref_hull(P) -> list[tuple]:
+    """Exact reference: Andrew's chain in rational arithmetic; CCW vertex coordinates from lexmin."""
+    pts = sorted({(Fraction(float(x)), Fraction(float(y))) for x, y in np.asarray(P, dtype=np.float64)})
+    if len(pts) < 3:
+        return [tuple(map(float, p)) for p in pts]
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    def half(seq):
+        h: list = []
+        for p in seq:
+            while len(h) >= 2 and cross(h[-2], h[-1], p) <= 0:
+                h.pop()
+            h.append(p)
+        return h
+
+    lo, up = half(pts), half(pts[::-1])
+    return [tuple(map(float, p)) for p in lo[:-1] + up[:-1]]
+
+
+def coords(P, v) -> list[tuple]:
+    P = np.asarray(P, dtype=np.float64)
+    return [(float(P[i, 0]), float(P[i, 1])) for i in v]
+
+
+def assert_same_as_qhull(P):
+    q = convex_hull(P, "qhull")
+    for m in EXACT:
+        v = convex_hull(P, m)
+        assert v.dtype == np.int64
+        np.testing.assert_array_equal(v, q, err_msg=f"method {m}")
+
+
+@pytest.mark.parametrize("name", [d for d in data.DISTRIBUTIONS if d != "circle"])
+@pytest.mark.parametrize("n", [5, 100, 3000, 60_000])
+def test_matches_qhull(name, n):
+    assert_same_as_qhull(data.generate(name, n, seed=n))
+
+
+@pytest.mark.parametrize("name", ["parabola", "disk", "clustered"])
+def test_refinement_rounds(monkeypatch, name):
+    """Force the multi-round filter (refined inner polygons) and compare with QHull."""
+    monkeypatch.setattr(hull, "_DONE", 10)
+    monkeypatch.setattr(hull, "_SAMPLE", 64)
+    P = data.generate(name, 40_000, seed=7)
+    np.testing.assert_array_equal(convex_hull(P), convex_hull(P, "qhull"))
+
+
+def test_parallel_kernel_same_result():
+    P = data.uniform_disk(80_000, seed=3)
+    np.testing.assert_array_equal(hull._auto(P, par=True), hull._auto(P))
+
+
+def test_circle_exact():
+    """Every point a vertex (up to rounding): compare with the rational reference, not QHull."""
+    P = data.circle(400, seed=1)
+    want = ref_hull(P)
+    for m in EXACT:
+        assert coords(P, convex_hull(P, m)) == want
+    Q = data.circle(50_000, seed=2)
+    a = convex_hull(Q)
+    np.testing.assert_array_equal(a, convex_hull(Q, "monotone"))
+    np.testing.assert_array_equal(a, convex_hull(Q, "chan"))
+
+
+def test_ccw_and_start():
+    P = data.gaussian(2000, seed=5)
+    v = convex_hull(P)
+    x, y = P[v, 0], P[v, 1]
+    area2 = np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)
+    assert area2 > 0
+    assert v[0] == np.lexsort((P[:, 1], P[:, 0]))[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_degenerate(method):
+    assert convex_hull(np.zeros((0, 2)), method).shape == (0,)
+    np.testing.assert_array_equal(convex_hull([[1.0, 2.0]], method), [0])
+    np.testing.assert_array_equal(convex_hull([[3.0, 1.0], [1.0, 1.0]], method), [1, 0])
+    np.testing.assert_array_equal(convex_hull(np.ones((7, 2)), method), [0])
+    line = np.c_[np.arange(10.0), 2 * np.arange(10.0) + 1][::-1]
+    np.testing.assert_array_equal(convex_hull(line, method), [9, 0])
+    sq = [[0, 0], [1, 0], [2, 0], [2, 1], [2, 2], [1, 2], [0, 2], [0, 1], [1, 1]]
+    np.testing.assert_array_equal(convex_hull(sq, method), [0, 2, 4, 6])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_duplicates(method):
+    P = data.uniform_square(500, seed=1)
+    D = np.concatenate([P, P[::-1], P[:50]])
+    assert coords(D, convex_hull(D, method)) == coords(P, convex_hull(P, "qhull"))
+    if method in ("auto", "monotone", "chan"):
+        v = convex_hull(D, method)
+        assert np.all(v < len(P))  # the first occurrence is returned
+
+
+def test_integer_grid_and_dtypes():
+    g = np.stack(np.meshgrid(np.arange(30), np.arange(20)), -1).reshape(-1, 2)
+    for m in METHODS:
+        assert coords(g, convex_hull(g, m)) == [(0, 0), (29, 0), (29, 19), (0, 19)]
+    P = data.parabola(5000, seed=2)
+    base = convex_hull(P.astype(np.float32).astype(np.float64))
+    for m in EXACT:
+        np.testing.assert_array_equal(convex_hull(P.astype(np.float32), m), base)
+    F = np.asfortranarray(P)
+    S = np.repeat(P, 2, axis=0)[::2]  # non-contiguous view
+    for m in EXACT:
+        np.testing.assert_array_equal(convex_hull(F, m), convex_hull(P, "qhull"))
+        np.testing.assert_array_equal(convex_hull(S, m), convex_hull(P, "qhull"))
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e200, 1e300])
+def test_huge_and_tiny(scale):
+    P = data.uniform_disk(3000, seed=4)
+    want = convex_hull(P, "qhull")
+    for m in EXACT:
+        np.testing.assert_array_equal(convex_hull(P * scale, m), want)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((5, 3)), np.zeros(6), np.zeros((2, 2, 2)), [[0.0, np.nan]] * 4, [[np.inf, 0.0]] * 4,
+     np.array([["a", "b"]])],
+)
+def test_bad_input(bad):
+    with pytest.raises(ValueError):
+        convex_hull(bad)
+
+
+def test_bad_method():
+    with pytest.raises(ValueError, match="method"):
+        convex_hull(np.zeros((3, 2)), "gift")
+
+
+small_ints = arrays(np.float64, st.tuples(st.integers(0, 40), st.just(2)), elements=st.integers(-4, 4))
+floats = arrays(
+    np.float64,
+    st.tuples(st.integers(0, 30), st.just(2)),
+    elements=st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=64),
+)
+
+
+def _check_ref(P):
+    want = ref_hull(P)
+    for m in EXACT:
+        assert coords(P, convex_hull(P, m)) == want, m
+    # the filtered path of auto even on tiny inputs (sample of 8, filter rounds down to 1 survivor)
+    saved = hull._SMALL, hull._SAMPLE, hull._DONE
+    try:
+        hull._SMALL, hull._SAMPLE, hull._DONE = 2, 8, 1
+        assert coords(P, convex_hull(P)) == want, "auto (filtered)"
+    finally:
+        hull._SMALL, hull._SAMPLE, hull._DONE = saved
+
+
+@settings(max_examples=150, deadline=None)
+@given(small_ints)
+def test_property_int_sets(P):
+    _check_ref(P)
+
+
+@settings(max_examples=100, deadline=None)
+@given(floats)
+def test_property_float_sets(P):
+    _check_ref(P)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(small_ints, floats))
+def test_property_thousands(P):
+    _check_ref(P)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(data.DISTRIBUTIONS))
+def test_large_exact(name):
+    P = data.generate(name, 1_000_000, seed=11)
+    a = convex_hull(P)
+    np.testing.assert_array_equal(a, convex_hull(P, "monotone"))
+    if name != "circle":
+        np.testing.assert_array_equal(a, convex_hull(P, "qhull"))
