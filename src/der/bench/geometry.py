@@ -261,7 +261,7 @@ def write_docs(json_path: Path = OUT, md_path: Path = ROOT / "docs" / "entropyne
              f"{_span(prune)}; with 16 fixed evenly spaced directions: {_span(fixed)}; our exact "
              f"`convex_hull(method='auto')`: {_span(auto)}. Whatever pays here is the Akl–Toussaint filter, "
              "which needs no learning."]
-    for which in ("k", "estimator", "fixed", "alpha", "lambda", "baselines"):
+    for which in ("k", "estimator", "fixed", "alpha", "lambda", "taskloss", "baselines"):
         f = RESULTS_DIR / f"entropynet_ablation_{which}.json"
         if f.is_file():
             ab = json.loads(f.read_text())

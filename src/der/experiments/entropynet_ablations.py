@@ -1,4 +1,4 @@
-r"""``der exp entropynet-ablations --which k|estimator|fixed|alpha|lambda|baselines|figure [--quick]``.
+r"""``der exp entropynet-ablations --which k|estimator|fixed|alpha|lambda|taskloss|baselines|figure [--quick]``.
 
 The paper's EntropyNet ablations, each by one command (App. E.5, F.2, G.6):
 
@@ -7,6 +7,8 @@ The paper's EntropyNet ablations, each by one command (App. E.5, F.2, G.6):
 * ``fixed`` — learned vs fixed (k-means++-seeded, frozen) anchors (Table 17);
 * ``alpha`` — α = 1 vs the default 10 → 5 (Table 17);
 * ``lambda`` — λ ∈ {0.01, 0.03, 0.1, 0.3, 1.0} (Fig. 6 and Table 17's λ = 1.0);
+* ``taskloss`` — (ours) the fidelity weight of the task loss, w_fid ∈ {1, 0.1, 0}: with w_fid = 0 only
+  the hull vertices and the hull itself are held, every interior point is free for the entropy term;
 * ``baselines`` — heuristic sort, NeuralSort-at-inference (a hard sort by a 1-D score: at inference
   NeuralSort's relaxed permutation becomes an argsort, so its cost is a sort; we train no NeuralSort
   model), k-means preprocessing (every point moved ≤ σ toward its k-means++ centre, then the same grid
@@ -38,7 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[3]
 RESULTS = ROOT / "benchmarks" / "results"
-WHICH = ("k", "estimator", "fixed", "alpha", "lambda", "baselines", "figure")
+WHICH = ("k", "estimator", "fixed", "alpha", "lambda", "taskloss", "baselines", "figure")
 
 
 def _base(quick: bool):
@@ -62,6 +64,8 @@ def _variants(which: str, quick: bool) -> list[tuple[str, Any]]:
         return [("alpha 10->5", b), ("alpha=1", rep(b, alpha=1.0, alpha_final=1.0))]
     if which == "lambda":
         return [(f"lambda={lam:g}", rep(b, lam=lam)) for lam in (0.01, 0.03, 0.1, 0.3, 1.0)]
+    if which == "taskloss":  # ours, not the paper's: does the fidelity term hold the entropy term back?
+        return [(f"w_fid={w:g}", rep(b, w_fid=w)) for w in (1.0, 0.1, 0.0)]
     raise ValueError(f"no training variants for {which!r}")
 
 

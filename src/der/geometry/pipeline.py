@@ -73,8 +73,8 @@ def _default_net(surrogate: str):
     return EntropyNet.pretrained(surrogate=surrogate)
 
 
-@functools.lru_cache(maxsize=8)
 def _fused(net: Any, global_sample: int | None) -> Any:
+    """Fold the net afresh on every call (~1 ms), so a net trained further is never served stale."""
     from der.geometry.fast_infer import FusedEntropyNet
 
     return FusedEntropyNet(net, global_sample=global_sample)
@@ -178,13 +178,20 @@ def preprocess_then(
     algorithm: str = "hull",
     *,
     net: Any = None,
-    mode: str = "net",
+    mode: str = "fused",
     hull_method: str = "qhull",
     global_sample: int | None = None,
     errors: bool = True,
 ) -> PipelineResult:
     """EntropyNet (+ dedup) then ``algorithm`` on ``points: (n, d)`` (d = 2; maxima also d = 3 in
-    ``"prune"`` / ``"none"`` modes). ``net`` defaults to ``EntropyNet.pretrained("ball")`` (cached)."""
+    ``"prune"`` / ``"none"`` modes). ``net`` defaults to ``EntropyNet.pretrained("ball")`` (cached).
+    The default mode ``"fused"`` is the same network as ``"net"`` (equal to float32 rounding), ~3× faster.
+
+    >>> import numpy as np
+    >>> r = preprocess_then(np.random.default_rng(0).random((2000, 2)), "hull", mode="none")
+    >>> r.errors["hull_area_symdiff_pct"], r.errors["vertex_recall"]
+    (0.0, 1.0)
+    """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if mode not in MODES:
