@@ -18,8 +18,9 @@ Backends
     ``autograd.Function`` saves only ``q, k, v, out`` and the row log-sum-exp and recomputes the gathered
     blocks in backward (FlashAttention-style recompute), so memory stays :math:`O(N d)` plus one chunk.
 ``"flex"``  ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built by
-    ``BlockMask.from_kv_blocks``; compiled with ``torch.compile`` (one compiled callable, per-shape
-    specialisations cached by dynamo). Block masks are cached on (layout bytes, N, block size, causal).
+    ``BlockMask.from_kv_blocks``; compiled once with ``torch.compile`` (automatic dynamic shapes: one
+    static and one dynamic-shape compile serve all N). Block masks are cached on (layout bytes, N, block
+    size, causal).
     FlexAttention has no CPU backward in torch 2.13, so ``"flex"`` on CPU with ``requires_grad`` raises.
 ``"dense"``  masked dense SDPA: the reference (:math:`O(N^2)` memory).
 ``"auto"``  ``"flex"`` on CUDA, ``"cpu"`` elsewhere (the only path that trains on CPU).
@@ -40,7 +41,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -147,6 +148,19 @@ class _Plan:
     keep: torch.Tensor | None  # (L,) False = empty row → zero output (None: no empty rows)
     nb: int
     causal: bool
+    _memo: dict = field(default_factory=dict)
+
+    def batch_indices(self, B: int, H: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``idx: (R, K)`` rows of the flattened key blocks per query-block row (R = B*H*nb) and the
+        ``(R, 1, 1)`` keep factor (None: no empty rows); memoised per (B, H, dtype)."""
+        key = (B, H, dtype)
+        if key not in self._memo:
+            L, R = self.order.shape[0], B * H * self.nb
+            rows = torch.arange(R, device=self.order.device)
+            idx = self.order.index_select(0, rows % L) + (rows // self.nb * self.nb)[:, None]
+            keep = None if self.keep is None else self.keep.index_select(0, rows % L).to(dtype).view(R, 1, 1)
+            self._memo[key] = (idx, keep)
+        return self._memo[key]
 
     def allowed(self, rows: torch.Tensor, bs: int) -> torch.Tensor | None:
         """Bool mask ``(c, bs or 1, K*bs)`` for flattened query-block rows ``rows`` (None: all allowed)."""
@@ -242,10 +256,8 @@ def _gather_path(q, k, v, layout, block_size, causal, scale):
     npad, R = nb * block_size, B * H * nb
     key = (_layout_key(layout), block_size, N, causal)
     plan = _INDEX_CACHE.get_or(key, lambda: _make_plan(layout, block_size, N, causal))
-    L, K = plan.order.shape
-    rows = torch.arange(R, device=q.device)
-    idx = plan.order.index_select(0, rows % L) + (rows // nb * nb)[:, None]  # (R, K) rows of key blocks
-    keep = None if plan.keep is None else plan.keep.index_select(0, rows % L).to(q.dtype).view(R, 1, 1)
+    K = plan.order.shape[1]
+    idx, keep = plan.batch_indices(B, H, q.dtype)
 
     def blocks(t):
         if npad != N:
@@ -262,7 +274,10 @@ def _gather_path(q, k, v, layout, block_size, causal, scale):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: the first shape compiles static; a second shape triggers one dynamic-shape compile that
+    # then serves every further (B, H, N), so varying N does not recompile on every call (nor hit dynamo's
+    # recompile limit and silently fall back to eager).
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def _kv_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
