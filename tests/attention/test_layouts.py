@@ -86,3 +86,21 @@ def test_errors():
         select_blocks(torch.rand(4, 4), 1.0)
     with pytest.raises(ValueError, match=r"\(H, N, k\)"):
         static_layout(torch.rand(4, 3), torch.ones(4), 2, 0.5)
+
+
+def test_query_routing_formula_and_gqa_scores():
+    from der.attention.layouts import query_routing
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 24, 8, generator=g, dtype=torch.float64)  # 4 query heads
+    anchors = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)  # 2 kv heads
+    counts = torch.rand(2, 2, 5, generator=g, dtype=torch.float64) * 10 + 0.1
+    r = query_routing(q, anchors, counts, 0.3)
+    for h in range(4):  # query head h uses kv head h // 2
+        logits = 0.3 * q[:, h] @ anchors[h // 2].T + counts[:, h // 2, None, :].log()
+        torch.testing.assert_close(r[:, h], torch.softmax(logits, -1))
+    p = torch.softmax(torch.randn(2, 2, 24, 5, generator=g, dtype=torch.float64), -1)
+    sc = block_scores(p, 8, route=r)
+    assert sc.shape == (2, 4, 3, 3)
+    torch.testing.assert_close(sc.sum(-1), torch.ones(2, 4, 3, dtype=torch.float64))
+    torch.testing.assert_close(sc[:, 1], block_scores(p[:, 0], 8, route=r[:, 1]))

@@ -39,23 +39,25 @@ class ArchSpec:
     key_kind: str  # one of KEY_KINDS
     backend: str  # "hf" (AttentionInterface) or "timm" (forward replacement)
     lam: float = DEFAULT_LAM
+    # sibling module giving the queries ("" = the same fused module), used to route query blocks
+    query_sibling: str | None = None
 
 
 ARCH_DEFAULTS: dict[str, ArchSpec] = {
     # HF BERT family (all-MiniLM-L6-v2 is a BertModel): BertSelfAttention.key
-    "bert": ArchSpec(("self.key",), "linear", "hf"),
-    "roberta": ArchSpec(("self.key",), "linear", "hf"),
+    "bert": ArchSpec(("self.key",), "linear", "hf", query_sibling="query"),
+    "roberta": ArchSpec(("self.key",), "linear", "hf", query_sibling="query"),
     # HF ViT (transformers 5.x: ViTAttention.k_proj)
-    "vit": ArchSpec(("attention.k_proj",), "linear", "hf"),
+    "vit": ArchSpec(("attention.k_proj",), "linear", "hf", query_sibling="q_proj"),
     # GPT-2: fused Conv1D c_attn → split the keys out (App. G.10: λ = 0.03)
-    "gpt2": ArchSpec(("attn.c_attn",), "fused_qkv", "hf", lam=0.03),
+    "gpt2": ArchSpec(("attn.c_attn",), "fused_qkv", "hf", lam=0.03, query_sibling=""),
     # decoder LMs with separate projections (App. G.9: DER on the key embeddings)
-    "llama": ArchSpec(("self_attn.k_proj",), "linear", "hf"),
-    "mistral": ArchSpec(("self_attn.k_proj",), "linear", "hf"),
-    "phi": ArchSpec(("self_attn.k_proj",), "linear", "hf"),
-    "qwen2": ArchSpec(("self_attn.k_proj",), "linear", "hf"),
+    "llama": ArchSpec(("self_attn.k_proj",), "linear", "hf", query_sibling="q_proj"),
+    "mistral": ArchSpec(("self_attn.k_proj",), "linear", "hf", query_sibling="q_proj"),
+    "phi": ArchSpec(("self_attn.k_proj",), "linear", "hf", query_sibling="q_proj"),
+    "qwen2": ArchSpec(("self_attn.k_proj",), "linear", "hf", query_sibling="q_proj"),
     # timm VisionTransformer: keys captured at attn.k_norm (see module docstring)
-    "timm_vit": ArchSpec(("attn.k_norm",), "heads", "timm"),
+    "timm_vit": ArchSpec(("attn.k_norm",), "heads", "timm", query_sibling="q_norm"),
 }
 
 

@@ -90,14 +90,16 @@ def _layout_for(state: ConvertState, site: DERSite, n: int, causal: bool, groups
             return None
         lay = lay[:, :nb, :nb].unsqueeze(0)
     else:
-        keys = site.keys
+        keys, q = site.keys, site.queries
         if keys is None or keys.shape[2] != n:
             return None
+        if q is not None and (q.shape[0] != keys.shape[0] or q.shape[2] != n):
+            q = None
         h = state.handle
         lay = dynamic_layout(keys, site.anchors.anchors.detach(), bs, state.sparsity, h.alpha,
-                             h.config.metric, causal, site.key_mask)
-    if groups > 1:  # GQA: anchors live on the key/value heads; query heads share their kv head's layout
-        lay = lay.repeat_interleave(groups, dim=1)
+                             h.config.metric, causal, site.key_mask, queries=q, scale=site.scale)
+    if groups > 1 and lay.shape[1] == site.heads:
+        lay = lay.repeat_interleave(groups, dim=1)  # keys-only routing under GQA: share the kv head's layout
     return lay
 
 
@@ -252,7 +254,8 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
                 raise ValueError("static layouts need calibration: pass calib_inputs=..., or run forwards "
                                  "inside `with handle.calibrate():` before convert")
             causal = bool(getattr(s.attention, "is_causal", False))
-            state.layouts[s.name] = static_layout(s.stats_mass, s.stats_count, block_size, sparsity, causal)
+            state.layouts[s.name] = static_layout(s.stats_mass, s.stats_count, block_size, sparsity, causal,
+                                                  route=s.stats_route)
     site_by_attn = {id(s.attention): s for s in handle.sites}
     hf = _hf_models(model)
     timm_sites = [s for s in handle.sites if type(s.attention).__module__.startswith("timm.")]
@@ -271,6 +274,17 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
     handle.keep_keys = mode == "dynamic"
     handle.regularize = False
     handle.converted = state
+    return handle
+
+
+def revert(model: nn.Module) -> DERHandle:
+    """Undo ``convert`` only (anchors and hooks stay; the handle regularizes again)."""
+    handle = get_handle(model)
+    if handle.converted is None:
+        raise ValueError("model is not converted")
+    handle.converted.undo()
+    handle.converted = None
+    handle.dense_fallbacks.clear()
     return handle
 
 

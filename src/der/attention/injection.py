@@ -71,6 +71,20 @@ def _resolve(model: nn.Module, config: DERConfig) -> tuple[str, list[str] | str,
     return arch or "custom", targets, key_kind
 
 
+def _query_module(model: nn.Module, name: str, arch: str, key_kind: str) -> nn.Module | None:
+    """The module whose output holds the queries of the same attention (None: route by keys only)."""
+    spec = ARCH_DEFAULTS.get(arch)
+    if spec is None or spec.query_sibling is None:
+        return None
+    if spec.query_sibling == "":
+        return model.get_submodule(name) if key_kind == "fused_qkv" else None
+    sib = name.rsplit(".", 1)[0] + "." + spec.query_sibling if "." in name else spec.query_sibling
+    try:
+        return model.get_submodule(sib)
+    except AttributeError:
+        return None
+
+
 def list_matches(model: nn.Module, config: DERConfig | None = None) -> list[str]:
     """Names of the modules ``inject`` would hook, in model order.
 
@@ -136,19 +150,22 @@ def _geometry(module: nn.Module, parent: nn.Module, key_kind: str) -> tuple[int,
     return width // dh, dh
 
 
-def read_keys(output: torch.Tensor, key_kind: str, heads: int, head_dim: int) -> torch.Tensor:
-    """Keys ``(B, H, N, Dh)`` from a key module's output (see :mod:`der.attention.config`)."""
+def read_keys(output: torch.Tensor, key_kind: str, heads: int, head_dim: int, part: int = 1) -> torch.Tensor:
+    """Keys ``(B, H, N, Dh)`` from a key module's output (see :mod:`der.attention.config`).
+
+    ``part`` picks the third of a fused ``[q | k | v]`` output (1 = keys, 0 = queries). ``heads=-1``: infer.
+    """
     if isinstance(output, (tuple, list)):
         output = output[0]
     if key_kind == "heads":
         return output
     if key_kind == "fused_qkv":
         e = output.shape[-1] // 3
-        output = output[..., e : 2 * e]
+        output = output[..., part * e : (part + 1) * e]
     if output.dim() == 2:  # unbatched
         output = output.unsqueeze(0)
     b, n = output.shape[0], output.shape[1]
-    return output.reshape(b, n, heads, head_dim).transpose(1, 2)
+    return output.reshape(b, n, -1 if heads < 0 else heads, head_dim).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- state
@@ -181,9 +198,14 @@ class DERSite:
     entropy: torch.Tensor | None = None  # (B, H) of this forward
     pending: torch.Tensor | None = None  # keys (B, H, N, Dh) of this forward, H not computed yet
     keys: torch.Tensor | None = None  # detached, only while keep_keys
+    queries: torch.Tensor | None = None  # (B, Hq, N, Dh) detached, while keep_keys or calibrating
+    qmodule: nn.Module | None = None
+    qhook: object = None
+    scale: float = 1.0  # the attention's softmax scale (for query routing)
     key_mask: torch.Tensor | None = None
     stats_mass: torch.Tensor | None = None  # (H, N, k) Σ over calibration sequences of p_ij
     stats_count: torch.Tensor | None = None  # (N,) number of valid sequences per position
+    stats_route: torch.Tensor | None = None  # (Hq, N, k) Σ of query routing (None: keys only)
     extra: dict = field(default_factory=dict)
 
 
@@ -236,6 +258,8 @@ class DERHandle:
             site.key_mask = mask
             if not bool(site.anchors.initialized):
                 self._init_from_keys(site, keys, mask)
+            if site.key_kind == "fused_qkv" and site.qmodule is module and (self.keep_keys or self.calibrating):
+                site.queries = read_keys(output, "fused_qkv", -1, site.head_dim, part=0).detach()
             if self.keep_keys:
                 site.keys = keys.detach()
             if self.active:  # H is computed lazily for all layers at once (entropy()/loss())
@@ -244,6 +268,14 @@ class DERHandle:
                 self._accumulate(site, keys.detach(), mask)
 
         return hook
+
+    def _make_qhook(self, site: DERSite):
+        def qhook(module, inputs, output):
+            if self.keep_keys or self.calibrating:
+                kind = "heads" if site.key_kind == "heads" else "linear"
+                site.queries = read_keys(output, kind, -1, site.head_dim).detach()
+
+        return qhook
 
     def _init_from_keys(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
         """App. A: anchors = a random subset of the keys (k-means++ gives no meaningful difference)."""
@@ -293,26 +325,35 @@ class DERHandle:
                 s.entropy, s.pending = e, None
 
     def _accumulate(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
-        p = DF.soft_assign(keys, site.anchors.anchors.detach(), alpha=self.alpha, metric=self.config.metric)
+        from der.attention.layouts import query_routing
+
+        anchors = site.anchors.anchors.detach()
+        p = DF.soft_assign(keys, anchors, alpha=self.alpha, metric=self.config.metric)
         w = torch.ones(keys.shape[0], keys.shape[2], device=p.device) if mask is None else mask.float()
-        mass = (p * w[:, None, :, None]).sum(0)  # (H, N, k)
-        count = w.sum(0)  # (N,)
-        n = mass.shape[1]
-        if site.stats_mass is None:
-            site.stats_mass, site.stats_count = torch.zeros_like(mass), torch.zeros_like(count)
-        if site.stats_mass.shape[1] < n:
-            pad = n - site.stats_mass.shape[1]
-            site.stats_mass = torch.nn.functional.pad(site.stats_mass, (0, 0, 0, pad))
-            site.stats_count = torch.nn.functional.pad(site.stats_count, (0, pad))
-        site.stats_mass[:, :n] += mass
-        site.stats_count[:n] += count
+        sums = {"mass": (p * w[:, None, :, None]).sum(0), "count": w.sum(0)}  # (H, N, k), (N,)
+        q = site.queries
+        if q is not None and q.shape[0] == keys.shape[0] and q.shape[2] == keys.shape[2]:
+            r = query_routing(q.float(), anchors, (p * w[:, None, :, None]).sum(-2), site.scale)
+            sums["route"] = (r * w[:, None, :, None]).sum(0)  # (Hq, N, k)
+        n = keys.shape[2]
+        for key, val in sums.items():
+            attr = f"stats_{key}"
+            cur = getattr(site, attr)
+            if cur is None:
+                cur = torch.zeros_like(val)
+            dim = 1 if val.dim() == 3 else 0
+            if cur.shape[dim] < n:
+                pad = [0, 0] * (val.dim() - 1 - dim) + [0, n - cur.shape[dim]]
+                cur = torch.nn.functional.pad(cur, pad)
+            cur.narrow(dim, 0, n).add_(val)
+            setattr(site, attr, cur)
 
     @contextlib.contextmanager
     def calibrate(self, reset: bool = True):
         """Accumulate per-position soft assignments (for static layouts) during the forwards inside."""
         if reset:
             for s in self.sites:
-                s.stats_mass = s.stats_count = None
+                s.stats_mass = s.stats_count = s.stats_route = None
         self.calibrating = True
         try:
             yield self
@@ -367,9 +408,11 @@ class DERHandle:
         self._root_hook.remove()
         for s in self.sites:
             s.hook.remove()
+            if s.qhook is not None:
+                s.qhook.remove()
             if getattr(s.module, ANCHOR_ATTR, None) is s.anchors:
                 delattr(s.module, ANCHOR_ATTR)
-            s.entropy = s.keys = s.pending = None
+            s.entropy = s.keys = s.pending = s.queries = None
         if getattr(self.model, HANDLE_ATTR, None) is self:
             delattr(self.model, HANDLE_ATTR)
         self._removed = True
@@ -407,10 +450,15 @@ def inject(model: nn.Module, config: DERConfig | None = None) -> DERHandle:
         if hasattr(module, ANCHOR_ATTR):
             raise ValueError(f"{name} already has an attribute {ANCHOR_ATTR!r}")
         module.add_module(ANCHOR_ATTR, anchors)
-        sites.append(DERSite(name, module, parent, _layer_index(name), heads, dh, key_kind, anchors))
+        site = DERSite(name, module, parent, _layer_index(name), heads, dh, key_kind, anchors)
+        site.qmodule = _query_module(model, name, arch, key_kind)
+        site.scale = float(getattr(parent, "scaling", None) or getattr(parent, "scale", None) or dh**-0.5)
+        sites.append(site)
     handle = DERHandle(model, config, arch, sites)
     for s in sites:
         s.hook = s.module.register_forward_hook(handle._make_hook(s))
+        if s.qmodule is not None and s.qmodule is not s.module:
+            s.qhook = s.qmodule.register_forward_hook(handle._make_qhook(s))
     if k > n:
         warnings.warn(f"DER: {k} anchors for sequences of {n} tokens", stacklevel=2)
     object.__setattr__(model, HANDLE_ATTR, handle)

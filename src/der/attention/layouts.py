@@ -8,9 +8,12 @@ and split the N tokens into ``nb = ceil(N / bs)`` contiguous blocks of ``bs`` to
 short; missing tokens carry no mass).
 
 1. **Key-block mass** :math:`M_{bj} = \sum_{i \in b} p_{ij}` and cluster size :math:`n_j = \sum_b M_{bj}`.
-2. **Query-block routing** :math:`R_{aj} = \frac{1}{|a|}\sum_{t \in a} p_{tj}` — a query routes to the
-   clusters its own token's key belongs to (shared query/key routing, as in the Routing Transformer; the
-   regularizer only sees keys, so queries are routed through the same anchors).
+2. **Query-block routing** :math:`R_{aj} = \frac{1}{|a|}\sum_{t \in a} r_{tj}` with
+   :math:`r_{tj} = \mathrm{softmax}_j\big(s\, q_t\!\cdot c_j + \log n_j\big)` — the attention query
+   :math:`t` pays to cluster :math:`j` when every key of the cluster is replaced by its anchor (``s`` is the
+   attention's softmax scale, :math:`n_j` the cluster's soft size in this sequence; App. E.4's cluster
+   approximation). When the queries are not available (custom targets), :math:`r_{tj} = p_{tj}` — a query
+   routes to its own token's key cluster (shared query/key routing, as in the Routing Transformer).
 3. **Block score** :math:`S_{ab} = \sum_j R_{aj}\, M_{bj} / n_j` — the attention mass query block
    :math:`a` puts on key block :math:`b` if each query spreads its attention uniformly over the keys of its
    clusters (the cluster approximation behind Theorem 2: attention outside the high-mass clusters
@@ -37,7 +40,8 @@ import torch
 
 from der import functional as DF
 
-__all__ = ["block_scores", "select_blocks", "static_layout", "dynamic_layout", "layout_sparsity", "num_blocks"]
+__all__ = ["block_scores", "select_blocks", "static_layout", "dynamic_layout", "layout_sparsity", "num_blocks",
+           "query_routing"]
 
 
 def num_blocks(n: int, block_size: int) -> int:
@@ -60,10 +64,27 @@ def _blocked(p: torch.Tensor, block_size: int) -> torch.Tensor:
     return p.reshape(*p.shape[:-2], nb, block_size, p.shape[-1])
 
 
-def block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+def query_routing(q: torch.Tensor, anchors: torch.Tensor, counts: torch.Tensor, scale: float) -> torch.Tensor:
+    r"""Step 2's :math:`r_{tj} = \mathrm{softmax}_j(s\, q_t\cdot c_j + \log n_j)`: ``(B, Hq, N, k)``.
+
+    ``q: (B, Hq, N, Dh)``, ``anchors: (Hkv, k, Dh)``, ``counts: (B, Hkv, k)`` soft cluster sizes; with
+    grouped-query attention (Hq = g·Hkv) query head ``h`` uses kv head ``h // g``.
+    """
+    g = q.shape[1] // anchors.shape[0]
+    if g * anchors.shape[0] != q.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {anchors.shape[0]} key heads")
+    a = anchors.to(q.dtype).repeat_interleave(g, dim=0)
+    logn = torch.log(counts.to(q.dtype).clamp_min(1e-12)).repeat_interleave(g, dim=1)
+    return torch.softmax(scale * q @ a.transpose(-1, -2) + logn.unsqueeze(-2), dim=-1)
+
+
+def block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor | None = None,
+                 route: torch.Tensor | None = None) -> torch.Tensor:
     r"""Steps 1–3 of the rule: ``p: (..., N, k)`` → ``S: (..., nb, nb)`` (float64, rows sum to 1).
 
-    ``weight: (..., N)`` (0/1 or counts) marks valid tokens; default all valid.
+    ``weight: (..., N)`` (0/1 or counts) marks valid tokens; default all valid. ``route: (..., Hq, N, k)``
+    is the query routing :math:`r` (default ``p``); with more query heads than ``p`` has key heads the key
+    masses are shared by groups of consecutive query heads (GQA).
     """
     if p.dim() < 2:
         raise ValueError(f"p must be (..., N, k), got shape {tuple(p.shape)}")
@@ -72,9 +93,17 @@ def block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor | None =
     wp = _blocked(p * w.unsqueeze(-1), block_size)  # (..., nb, bs, k)
     ww = _blocked(w.unsqueeze(-1), block_size).sum(-2)  # (..., nb, 1): valid tokens per block
     mass = wp.sum(-2)  # M (..., nb, k)
-    route = mass / ww.clamp_min(1e-12)  # R: mean assignment of the block's tokens
     size = mass.sum(-2, keepdim=True).clamp_min(1e-12)  # n_j
-    return route @ (mass / size).transpose(-1, -2)
+    cols = mass / size
+    if route is None:
+        rows = mass / ww.clamp_min(1e-12)  # R: mean assignment of the block's tokens
+    else:
+        g = route.shape[-3] // p.shape[-3] if p.dim() >= 3 else 1
+        if g > 1:
+            cols, ww, w = (t.repeat_interleave(g, dim=-3) for t in (cols, ww, w.unsqueeze(-1)))
+            w = w.squeeze(-1)
+        rows = _blocked(route.double() * w.unsqueeze(-1), block_size).sum(-2) / ww.clamp_min(1e-12)
+    return rows @ cols.transpose(-1, -2)
 
 
 def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False) -> torch.Tensor:
@@ -99,8 +128,9 @@ def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False) -
 
 
 def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, sparsity: float,
-                  causal: bool = False) -> torch.Tensor:
-    """Static ``(H, nb, nb)`` layout from calibration sums: ``mass: (H, N, k)`` = Σ p, ``count: (N,)``.
+                  causal: bool = False, route: torch.Tensor | None = None) -> torch.Tensor:
+    """Static ``(H, nb, nb)`` layout from calibration sums: ``mass: (H, N, k)`` = Σ p, ``count: (N,)``,
+    optional ``route: (Hq, N, k)`` = Σ r (then the layout has ``Hq`` heads).
 
     Positions never seen in calibration get the uniform assignment 1/k (they carry no information).
     """
@@ -108,18 +138,29 @@ def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, spar
         raise ValueError(f"mass must be (H, N, k) and count (N,), got {tuple(mass.shape)} and {tuple(count.shape)}")
     k = mass.shape[-1]
     c = count.double()[None, :, None]
-    p = torch.where(c > 0, mass.double() / c.clamp_min(1e-12), torch.full_like(mass, 1.0 / k, dtype=torch.float64))
-    return select_blocks(block_scores(p, block_size), sparsity, causal)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(c > 0, t.double() / c.clamp_min(1e-12), torch.full_like(t, 1.0 / k, dtype=torch.float64))
+
+    r = None if route is None else mean(route)
+    return select_blocks(block_scores(mean(mass), block_size, route=r), sparsity, causal)
 
 
 def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, sparsity: float,
                    alpha: float, metric: str = "sqeuclidean", causal: bool = False,
-                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-input ``(B, H, nb, nb)`` layout: ``keys: (B, H, N, Dh)``, ``anchors: (H, k, Dh)``."""
+                   key_mask: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """Per-input ``(B, H, nb, nb)`` layout: ``keys: (B, H, N, Dh)``, ``anchors: (H, k, Dh)``; with
+    ``queries: (B, Hq, N, Dh)`` the query blocks are routed by :func:`query_routing` (``Hq`` heads out)."""
     with torch.no_grad():
         p = DF.soft_assign(keys, anchors, alpha=alpha, metric=metric)
         w = None if key_mask is None else key_mask[:, None, :].expand(p.shape[:-1])
-        return select_blocks(block_scores(p, block_size, w), sparsity, causal)
+        r = None
+        if queries is not None:
+            pw = p if w is None else p * w.unsqueeze(-1)
+            r = query_routing(queries.to(p.dtype), anchors.to(p.dtype), pw.sum(-2),
+                              scale if scale is not None else queries.shape[-1] ** -0.5)
+        return select_blocks(block_scores(p, block_size, w, route=r), sparsity, causal)
 
 
 def layout_sparsity(layout: torch.Tensor, causal: bool = False) -> float:
