@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("make_claims", ROOT / "scripts" / "make_claims.py")
 mc = importlib.util.module_from_spec(spec)
+sys.modules["make_claims"] = mc  # dataclasses look their module up
 spec.loader.exec_module(mc)
 
 
