@@ -199,3 +199,20 @@ def test_large_exact(name):
     np.testing.assert_array_equal(a, convex_hull(P, "monotone"))
     if name != "circle":
         np.testing.assert_array_equal(a, convex_hull(P, "qhull"))
+
+
+def test_dask_hull_matches_in_memory():
+    da = pytest.importorskip("dask.array")
+    from der.geometry import convex_hull_dask
+
+    for name in ("square", "parabola", "circle"):
+        P = data.generate(name, 20_000, seed=9)
+        D = np.concatenate([P, P[:100]])  # duplicates across chunks
+        got = convex_hull_dask(da.from_array(D, chunks=(3000, 2)), scheduler="synchronous")
+        np.testing.assert_array_equal(got, convex_hull(D))
+    np.testing.assert_array_equal(convex_hull_dask(P), convex_hull(P))  # NumPy input passes through
+    bad = da.from_array(np.r_[P, [[np.nan, 0.0]]], chunks=(5000, 2))
+    with pytest.raises(ValueError, match="finite"):
+        convex_hull_dask(bad, scheduler="synchronous")
+    with pytest.raises(ValueError, match=r"\(n, 2\)"):
+        convex_hull_dask(da.zeros((10, 3)))

@@ -12,6 +12,7 @@ _TABLE = {
     "EntropyNet": ".entropynet",
     "preprocess_then": ".pipeline",
     "data": ".data",
+    "convex_hull_dask": ".dask_hull",
 }
 __all__ = sorted(_TABLE)
 __getattr__ = lazy_getattr(__name__, _TABLE)
