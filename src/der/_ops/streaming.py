@@ -29,10 +29,11 @@ import math
 
 import torch
 
-#: Elements (``B·C·k``) per chunk: 2^20 float32 = 4 MiB (stays in L3). On an idle 2-core machine 2^18–2^20
-#: time the same; under heavy CPU sharing fewer, larger parallel regions were clearly faster (2^20 vs 2^18:
-#: 3.3 s vs 4.5 s at N=65536, k=256, d=64 with 2 threads at load ~15), so the larger one is the default.
-DEFAULT_CHUNK_ELEMS = 1 << 20
+#: Elements (``B·C·k``) per chunk: 2^18 float32 = 1 MiB (stays in L2/L3). One thread on this machine timed
+#: 2^16–2^18 best (N=65536, k=256, d=64: 0.46/0.48 s vs 0.59 s at 2^20); the ~4 chunk-sized temporaries
+#: then add ~4 MiB of memory, against the naive path's N×k tensors. Under heavy CPU sharing with 2 threads,
+#: fewer larger parallel regions (2^20–2^22) were faster; pass ``chunk_elems`` to trade memory for that.
+DEFAULT_CHUNK_ELEMS = 1 << 18
 
 
 def _rows_per_chunk(batch: int, n: int, k: int, chunk_elems: int) -> int:
