@@ -191,3 +191,28 @@ def test_timm_vit_keys_via_k_norm():
     model(torch.randn(2, 3, 64, 64))
     ent = h.entropy()
     assert ent.shape == (2, model.blocks[0].attn.num_heads) and bool(torch.isfinite(ent).all())
+
+
+def test_ddp_sees_anchors_and_every_step_reduces(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = tiny_bert()
+        h = inject(model, DERConfig(seq_len=64, every=2))
+        model(input_ids=tokens())  # data init before wrapping
+        ddp = DDP(model)  # find_unused_parameters=False: an anchor without grad would fail the next step
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for _ in range(3):  # steps 0, 2 regularize; step 1 is an `every` off-step
+            out = ddp(input_ids=tokens())
+            loss = out.last_hidden_state.pow(2).mean() + out.pooler_output.pow(2).mean() + h.loss()
+            opt.zero_grad()
+            loss.backward()
+            assert all(p.grad is not None for p in h.parameters())
+            opt.step()
+            h.step()
+    finally:
+        dist.destroy_process_group()

@@ -11,6 +11,8 @@ _TABLE = {
     "inject": ".injection",
     "list_matches": ".injection",
     "convert": ".conversion",
+    "revert": ".conversion",
+    "DERHandle": ".injection",
     "block_sparse_attention": ".kernels",
     "dense_layout": ".baselines",
     "magnitude_layout": ".baselines",

@@ -162,7 +162,7 @@ def finetune(model, handle, train: torch.Tensor, teacher_emb: torch.Tensor, step
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         handle.step()
-        log.append({"step": step, "distill": float(distill), "H": float(reg) / handle.lam})
+        log.append({"step": step, "distill": distill.item(), "H": reg.item() / handle.lam})
     model.eval()
     return log
 
