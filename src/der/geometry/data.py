@@ -23,6 +23,7 @@ Preprocessing (App. G.12): :func:`normalize_unit_square` and :func:`dedup`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -176,3 +177,8 @@ def dedup(points, return_index: bool = False):
         idx = np.sort(order[new]).astype(np.int64)
     out = np.ascontiguousarray(arr[idx])
     return (out, idx) if return_index else out
+
+
+# ``der.geometry.data`` goes through the package's lazy table, which looks up the attribute ``data``
+# on this module: make that the module itself.
+data = sys.modules[__name__]

@@ -28,7 +28,7 @@ from der.geometry.data import check_points
 __all__ = ["maxima", "maxima_sweep", "METHODS"]
 
 METHODS = ("auto", "sweep")
-_SAMPLE = 1 << 14  # strided sample for the first pivots
+_SAMPLE = 1 << 12  # strided sample: empirical CDFs and first pivot candidates
 _DONE = 4096  # survivors few enough: stop filtering
 _PIVOTS = 4  # pivots per round
 
