@@ -35,10 +35,12 @@ def _layout(Bl, H, nb, density, seed=0, empty_row=True):
     return lay
 
 
-def _naive(q, k, v, layout, bs, causal, scale=None):
+def _naive(q, k, v, layout, bs, causal, scale=None, kpm=None):
     """Float64 reference: explicit masked softmax, empty rows → 0."""
     n = q.shape[-2]
     mask = expand_layout(layout, bs, n, causal)
+    if kpm is not None:
+        mask = mask & kpm[:, None, None, :]
     s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
@@ -110,6 +112,11 @@ def test_gradcheck_custom_backward():
             lambda a, b, c, causal=causal: block_sparse_attention(a, b, c, lay, 8, causal=causal,
                                                                    backend="cpu", scale=0.7),
             (q, k, v), atol=1e-6)
+    kpm = torch.ones(1, 20, dtype=torch.bool)
+    kpm[0, :16] = False  # head 1, query block 0 keeps only key block 1 → dead rows in the gradcheck too
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: block_sparse_attention(a, b, c, lay, 8, backend="cpu", key_padding_mask=kpm),
+        (q, k, v), atol=1e-6)
 
 
 @settings(max_examples=15, deadline=None)
@@ -200,6 +207,32 @@ def test_bad_inputs():
         block_sparse_attention(q, q[:, :1], q, lay, 32)
     with pytest.raises(ValueError, match=r"\(B, H, N, Dh\)"):
         block_sparse_attention(q[0], q[0], q[0], lay, 32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_mask_matches_reference(causal):
+    B, H, N, Dh, bs = 3, 2, 100, 8, 32
+    q, k, v = _inputs(B, H, N, Dh, seed=5)
+    lay = _layout(1, H, 4, 0.5, seed=5)
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[0, 70:] = False  # right padding
+    kpm[1, :40] = False  # left padding: query blocks that keep only block 0 lose every key
+    w = torch.randn(B, H, N, Dh, dtype=torch.float64)
+    ref = _naive(q, k, v, lay, bs, causal, kpm=kpm)
+    ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for backend in ("cpu", "dense", "auto"):
+        out = block_sparse_attention(q, k, v, lay, bs, causal=causal, backend=backend, key_padding_mask=kpm)
+        grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+        for g, r in zip(grads, ref_g, strict=True):
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+    with pytest.raises(ValueError, match="flex"):
+        block_sparse_attention(q, k, v, lay, bs, backend="flex", key_padding_mask=kpm)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        block_sparse_attention(q, k, v, lay, bs, key_padding_mask=kpm.float())
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        block_sparse_attention(q, k, v, lay, bs, key_padding_mask=kpm[:, :50])
 
 
 @pytest.mark.gpu

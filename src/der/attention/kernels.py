@@ -107,6 +107,15 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.T
     return B, H, N, Dh, nb
 
 
+def _check_padding_mask(mask: torch.Tensor, q: torch.Tensor) -> None:
+    B, N = q.shape[0], q.shape[2]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, N):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"key_padding_mask must be a bool (B={B}, N={N}) tensor, got {got}")
+    if mask.device != q.device:
+        raise ValueError(f"key_padding_mask must be on {q.device}, got {mask.device}")
+
+
 def _layout_key(layout: torch.Tensor) -> tuple:
     lay = layout.detach().to("cpu").contiguous()
     return (tuple(lay.shape), hash(lay.numpy().tobytes()), str(layout.device))
@@ -128,9 +137,11 @@ def expand_layout(layout: torch.Tensor, block_size: int, n: int, causal: bool = 
 
 
 # ----------------------------------------------------------------------------------------------- dense
-def _dense(q, k, v, layout, block_size, causal, scale):
+def _dense(q, k, v, layout, block_size, causal, scale, key_padding_mask=None):
     n = q.shape[-2]
     mask = expand_layout(layout, block_size, n, causal)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
     empty = ~mask.any(-1, keepdim=True)  # (Bl, H, n, 1): rows with nothing to attend → zeros
     mask = mask | empty
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -198,7 +209,7 @@ class _GatherAttention(torch.autograd.Function):
     """Chunked gather + batched-matmul attention over kept key blocks; recompute in backward."""
 
     @staticmethod
-    def forward(ctx, qb, kf, vf, idx, keep, plan, scale, chunk):
+    def forward(ctx, qb, kf, vf, idx, keep, kmask, plan, scale, chunk):
         # qb, kf, vf: (R, bs, Dh) query/key/value blocks, R = B*H*nb; idx: (R, K) rows of kf to gather;
         # keep: (R, 1, 1) 0/1 or None (0 = empty row → zero output).
         R = qb.shape[0]
@@ -206,17 +217,17 @@ class _GatherAttention(torch.autograd.Function):
         out = torch.empty_like(qb)
         for c0 in range(0, R, chunk):
             sl = slice(c0, min(c0 + chunk, R))
-            p, _, vg = _probs(qs, kf, vf, idx, plan, sl)
+            p, _, vg = _probs(qs, kf, vf, idx, kmask, plan, sl)
             torch.bmm(p, vg, out=out[sl])
         if keep is not None:
             out.mul_(keep)
-        ctx.save_for_backward(qb, kf, vf, idx, keep)
+        ctx.save_for_backward(qb, kf, vf, idx, keep, kmask)
         ctx.plan, ctx.scale, ctx.chunk = plan, scale, chunk
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qb, kf, vf, idx, keep = ctx.saved_tensors
+        qb, kf, vf, idx, keep, kmask = ctx.saved_tensors
         plan, scale, chunk = ctx.plan, ctx.scale, ctx.chunk
         R, bs, Dh = qb.shape
         dout = dout.contiguous() if keep is None else dout * keep
@@ -226,17 +237,17 @@ class _GatherAttention(torch.autograd.Function):
         dv = torch.zeros_like(vf)
         for c0 in range(0, R, chunk):
             sl = slice(c0, min(c0 + chunk, R))
-            p, kg, vg = _probs(qs, kf, vf, idx, plan, sl)
+            p, kg, vg = _probs(qs, kf, vf, idx, kmask, plan, sl)
             do, rows = dout[sl], idx[sl].reshape(-1)
             dv.index_add_(0, rows, torch.bmm(p.transpose(1, 2), do).view(-1, bs, Dh))
             # dS = P ∘ (dP − rowsum(dP ∘ P)), one fused kernel (rowsum(dP ∘ P) = rowsum(dO ∘ O) = δ)
             ds = torch._softmax_backward_data(torch.bmm(do, vg.transpose(1, 2)), p, -1, p.dtype)
             torch.bmm(ds, kg, out=dq[sl])
             dk.index_add_(0, rows, torch.bmm(ds.transpose(1, 2), qs[sl]).view(-1, bs, Dh))
-        return dq.mul_(scale), dk, dv, None, None, None, None, None
+        return dq.mul_(scale), dk, dv, None, None, None, None, None, None
 
 
-def _probs(qs, kf, vf, idx, plan, sl):
+def _probs(qs, kf, vf, idx, kmask, plan, sl):
     """Softmax probabilities ``(c, bs, K*bs)`` of one chunk of (pre-scaled) query blocks, gathered K, V."""
     q = qs[sl]
     c, bs, Dh = q.shape
@@ -245,12 +256,17 @@ def _probs(qs, kf, vf, idx, plan, sl):
     vg = vf.index_select(0, rows).view(c, -1, Dh)
     s = torch.bmm(q, kg.transpose(1, 2))
     allowed = plan.allowed(torch.arange(sl.start, sl.stop, device=q.device), bs)
+    if kmask is not None:  # key padding: rows may lose every key → "dead" rows get p = 0 (zero output/grad)
+        allowed = kmask[sl][:, None, :] if allowed is None else allowed & kmask[sl][:, None, :]
+        dead = ~allowed.any(-1, keepdim=True)
+        s.masked_fill_(~allowed, float("-inf")).masked_fill_(dead, 0.0)
+        return torch.softmax(s, -1).masked_fill_(dead, 0.0), kg, vg
     if allowed is not None:
         s.masked_fill_(~allowed, float("-inf"))
     return torch.softmax(s, -1), kg, vg
 
 
-def _gather_path(q, k, v, layout, block_size, causal, scale):
+def _gather_path(q, k, v, layout, block_size, causal, scale, key_padding_mask=None):
     B, H, N, Dh = q.shape
     nb = math.ceil(N / block_size)
     npad, R = nb * block_size, B * H * nb
@@ -264,8 +280,13 @@ def _gather_path(q, k, v, layout, block_size, causal, scale):
             t = F.pad(t, (0, 0, 0, npad - N))
         return t.reshape(R, block_size, Dh)
 
+    kmask = None
+    if key_padding_mask is not None:  # (R, K*bs): is the gathered key a real (non-padding) token
+        kpm = F.pad(key_padding_mask, (0, npad - N), value=False).reshape(B * nb, block_size)
+        brow = (idx.div(nb, rounding_mode="floor") // H) * nb + idx % nb  # key block rows of (B*nb, bs)
+        kmask = kpm.index_select(0, brow.reshape(-1)).view(R, K * block_size)
     chunk = max(1, _CHUNK_BYTES // (2 * K * block_size * Dh * q.element_size()))
-    out = _GatherAttention.apply(blocks(q), blocks(k), blocks(v), idx, keep, plan, scale, chunk)
+    out = _GatherAttention.apply(blocks(q), blocks(k), blocks(v), idx, keep, kmask, plan, scale, chunk)
     return out.view(B, H, npad, Dh)[:, :, :N]
 
 
@@ -331,7 +352,8 @@ def _flex(q, k, v, layout, block_size, causal, scale, compiled: bool = True):
 # ----------------------------------------------------------------------------------------------- public
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
                            block_size: int, causal: bool = False, backend: str = "auto",
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, key_padding_mask: torch.Tensor | None = None
+                           ) -> torch.Tensor:
     r"""Attention restricted to the kept key blocks of ``layout`` (Sec. 4, App. E.4).
 
     Args:
@@ -342,6 +364,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         causal: also mask keys after each query.
         backend: ``"auto" | "cpu" | "flex" | "dense"`` (see module docstring).
         scale: softmax scale, default ``1/sqrt(Dh)``.
+        key_padding_mask: optional bool ``(B, N)``, ``True`` = real key (HF ``attention_mask`` convention);
+            padded keys are never attended to. Backends ``"cpu"`` and ``"dense"`` (``"auto"`` then picks
+            ``"cpu"`` on every device); ``"flex"`` raises.
 
     Returns:
         ``(B, H, N, Dh)`` in the input dtype; queries with no allowed key get zeros.
@@ -354,15 +379,19 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     """
     B, H, N, Dh, nb = _validate(q, k, v, layout, block_size, backend)
     scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
+    if key_padding_mask is not None:
+        _check_padding_mask(key_padding_mask, q)
+        if backend == "flex":
+            raise ValueError("key_padding_mask is not supported by backend='flex'; use 'cpu' or 'dense'")
     if backend == "auto":
-        backend = "flex" if q.device.type == "cuda" else "cpu"
+        backend = "flex" if q.device.type == "cuda" and key_padding_mask is None else "cpu"
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16) and (backend != "flex" or q.device.type == "cpu"):
         q, k, v = q.float(), k.float(), v.float()
     if backend == "dense":
-        out = _dense(q, k, v, layout, block_size, causal, scale)
+        out = _dense(q, k, v, layout, block_size, causal, scale, key_padding_mask)
     elif backend == "flex":
         out = _flex(q, k, v, layout, block_size, causal, scale)
     else:
-        out = _gather_path(q, k, v, layout, block_size, causal, scale)
+        out = _gather_path(q, k, v, layout, block_size, causal, scale, key_padding_mask)
     return out.to(dtype)
