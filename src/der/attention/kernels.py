@@ -15,8 +15,11 @@ Backends
 ``"cpu"``  (ours; runs on any device, trains): for every (batch, head, query block) the kept key blocks are
     gathered (rows with fewer kept blocks are padded to the row maximum and masked with ``-inf``), then
     scores / softmax / values are batched matmuls over chunks of query blocks that fit in cache. A custom
-    ``autograd.Function`` saves only ``q, k, v, out`` and the row log-sum-exp and recomputes the gathered
-    blocks in backward (FlashAttention-style recompute), so memory stays :math:`O(N d)` plus one chunk.
+    ``autograd.Function`` saves only ``q, k, v`` (and the gather indices) and recomputes the gathered
+    blocks and probabilities in backward (FlashAttention-style recompute), so memory stays :math:`O(N d)`
+    plus one chunk. Speed vs dense SDPA at 75% block sparsity: benchmarks/results/attention_kernel.json
+    (``der bench attention-kernel``); the cost of the gather copy and the separate softmax pass keeps it
+    below the ideal 4×.
 ``"flex"``  ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built by
     ``BlockMask.from_kv_blocks``; compiled once with ``torch.compile`` (automatic dynamic shapes: one
     static and one dynamic-shape compile serve all N). Block masks are cached on (layout bytes, N, block
@@ -31,9 +34,13 @@ Conventions
   ``N`` not divisible by ``block_size`` is padded internally; padded keys are masked, padded queries dropped.
 * ``causal=True`` additionally masks keys after the query (element level); key blocks above the block
   diagonal are dropped from the layout.
-* A query whose set of allowed keys is empty (its layout row is all ``False``, or all its kept blocks lie
-  after it under ``causal``) gets an output of **zeros** and zero gradient (not NaN). All backends agree.
-* float16 / bfloat16 inputs are computed in float32 inside and returned in the input dtype.
+* ``key_padding_mask: (B, N)`` bool (True = real key) additionally hides padded keys (backends "cpu",
+  "dense"; "auto" routes to "cpu" when it is given).
+* A query whose set of allowed keys is empty (its layout row is all ``False``, all its kept blocks lie
+  after it under ``causal``, or all their keys are padding) gets an output of **zeros** and zero
+  gradient (not NaN). All backends agree.
+* float16 / bfloat16 inputs are computed in float32 inside and returned in the input dtype (except
+  ``"flex"`` on CUDA, which runs in the input dtype).
 """
 
 from __future__ import annotations
