@@ -10,8 +10,9 @@ speedup is ``raw median / row median`` with the network time *included*. Rows (p
 * ``learned_prune_qhull`` — the learned ranges as an exact prune (no forward pass) → QHull;
 * ``fixed_prune_qhull`` — the same prune with 16 evenly spaced directions (is the learning needed?).
 
-Plus Delaunay (``scipy_delaunay`` vs ``entropynet_fused_delaunay``) and 3D maxima (exact numba maxima vs
-the exact dominance prune → maxima; no 3D network is trained, so no network row). Writes
+Plus Delaunay (``scipy_delaunay``, our ``ordered`` Delaunay, ``entropynet_fused_delaunay`` = network + dedup →
+SciPy) and 3D maxima (plain sweep = "raw", our filtered ``auto``, and the exact dominance prune → maxima;
+no 3D network is trained, so there is no network row; speedups there are vs the sweep). Writes
 ``benchmarks/results/geometry_entropynet.json`` and, with ``--docs``, regenerates ``docs/entropynet.md``.
 """
 
@@ -124,14 +125,17 @@ def _pick(e: dict[str, float]) -> dict[str, float]:
 def _delaunay_rows(pts: np.ndarray, net: Any, repeats: int) -> list[dict[str, Any]]:
     from scipy.spatial import Delaunay
 
-    from der.geometry.pipeline import preprocess_then
+    from der.geometry.pipeline import _run_delaunay, preprocess_then
 
     raw_t, _ = _time(lambda: Delaunay(pts).simplices, repeats)
+    ord_t, _ = _time(lambda: _run_delaunay(pts, "ordered"), repeats)
     res = [preprocess_then(pts, "delaunay", net=net, mode="fused", errors=False) for _ in range(repeats + 1)][1:]
     errs = preprocess_then(pts, "delaunay", net=net, mode="fused").errors
     t = statistics.median(r.timings["total"] for r in res)
     return [
         {"method": "scipy_delaunay", "total_s": raw_t, "network_s": 0.0, "n_out": len(pts), "speedup_vs_scipy": 1.0},
+        {"method": "der_delaunay_ordered", "total_s": ord_t, "network_s": 0.0, "n_out": len(pts),
+         "speedup_vs_scipy": raw_t / ord_t},
         {"method": "entropynet_fused_delaunay", "total_s": t, "speedup_vs_scipy": raw_t / t,
          "network_s": statistics.median(r.timings["network"] for r in res), "n_out": len(res[-1].points),
          "points_hausdorff_rel": errs["points_hausdorff_rel"],
@@ -140,16 +144,35 @@ def _delaunay_rows(pts: np.ndarray, net: Any, repeats: int) -> list[dict[str, An
 
 
 def _maxima_rows(pts: np.ndarray, repeats: int) -> list[dict[str, Any]]:
-    from der.geometry.pipeline import _run_maxima, preprocess_then
+    from der.geometry.maxima import maxima
+    from der.geometry.pipeline import preprocess_then
 
-    raw_t, _ = _time(lambda: _run_maxima(pts), repeats)
+    raw_t, _ = _time(lambda: maxima(pts, method="sweep"), repeats)
+    auto_t, _ = _time(lambda: maxima(pts, method="auto"), repeats)
     res = [preprocess_then(pts, "maxima", mode="prune", errors=False) for _ in range(repeats + 1)][1:]
     f1 = preprocess_then(pts, "maxima", mode="prune").errors["f1"]
     t = statistics.median(r.timings["total"] for r in res)
-    return [{"method": "exact_maxima", "total_s": raw_t, "speedup_vs_scipy": 1.0, "n_out": len(pts), "f1": 1.0},
+    return [{"method": "maxima_sweep", "total_s": raw_t, "speedup_vs_scipy": 1.0, "n_out": len(pts), "f1": 1.0},
+            {"method": "der_maxima_auto", "total_s": auto_t, "speedup_vs_scipy": raw_t / auto_t, "n_out": len(pts),
+             "f1": 1.0},
             {"method": "dominance_prune_maxima", "total_s": t, "speedup_vs_scipy": raw_t / t,
              "network_s": statistics.median(r.timings["network"] for r in res), "n_out": len(res[-1].points),
              "f1": f1}]
+
+
+def _delaunay_all(sizes: list[int], net: Any, net_repeats: int) -> list[dict[str, Any]]:
+    from der.geometry import data
+
+    out = []
+    for n in [s for s in sizes if s <= 100_000]:
+        pts = data.generate("square", n, seed=1)
+        out += [{"task": "delaunay", "dist": "square", "n": n, **r} for r in _delaunay_rows(pts, net, net_repeats)]
+    return out
+
+
+def _maxima_all(sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(2)
+    return [{"task": "maxima", "dist": "cube", "n": n, **r} for n in sizes for r in _maxima_rows(rng.random((n, 3)), repeats)]
 
 
 def run(sizes: list[int], dists: list[str], repeats: int, net_repeats: int) -> dict[str, Any]:
@@ -165,12 +188,8 @@ def run(sizes: list[int], dists: list[str], repeats: int, net_repeats: int) -> d
             for row in _hull_rows(pts, net, repeats, net_repeats if n < 10**6 else 1):
                 results.append({"task": "hull", "dist": dist, "n": n, **row})
             print(f"  hull {dist} n={n:,} done", flush=True)
-    for n in [s for s in sizes if s <= 100_000]:
-        pts = data.generate("square", n, seed=1)
-        results += [{"task": "delaunay", "dist": "square", "n": n, **r} for r in _delaunay_rows(pts, net, net_repeats)]
-    rng = np.random.default_rng(2)
-    for n in sizes:
-        results += [{"task": "maxima", "dist": "cube", "n": n, **r} for r in _maxima_rows(rng.random((n, 3)), repeats)]
+    results += _delaunay_all(sizes, net, net_repeats)
+    results += _maxima_all(sizes, repeats)
     overhead = []
     fused = FusedEntropyNet(net)
     for n in sorted({1000, *sizes}):
@@ -286,7 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="n ∈ {1e4, 1e5}, 3 repeats")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--docs", action="store_true", help="only regenerate docs/entropynet.md from the JSON")
+    ap.add_argument("--only", choices=("delaunay", "maxima"), default=None,
+                    help="re-measure only these rows in the existing JSON")
     a = ap.parse_args(argv)
+    if a.only:
+        from der.geometry.entropynet import EntropyNet
+
+        res = json.loads(Path(a.out).read_text())
+        sizes = sorted({r["n"] for r in res["rows"]})
+        if a.only == "delaunay":
+            new = _delaunay_all(sizes, EntropyNet.pretrained(surrogate="ball"), res["net_repeats"])
+        else:
+            new = _maxima_all(sizes, res["repeats"])
+        res["rows"] = [r for r in res["rows"] if r["task"] != a.only] + new
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+        print(_table({"rows": new}))
+        return 0
     if a.docs:
         print(f"wrote {write_docs(Path(a.out))}")
         return 0

@@ -144,12 +144,31 @@ def _not_dominated_by(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return keep[:m]
 
 
+@numba.njit(cache=True)
+def _argmax_dots(p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``argmax_i p_i · w_j`` for each row ``w_j`` in one pass (no BLAS: a (n, d) @ (d, m) product with
+    tiny d, m is slow and thread-hungry in BLAS)."""
+    n, d = p.shape
+    m = w.shape[0]
+    best = np.full(m, -np.inf)
+    arg = np.zeros(m, dtype=np.int64)
+    for i in range(n):
+        for j in range(m):
+            v = 0.0
+            for t in range(d):
+                v += p[i, t] * w[j, t]
+            if v > best[j]:
+                best[j] = v
+                arg[j] = i
+    return arg
+
+
 def prune_maxima(points: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Exact maxima filter (larger is better in every coordinate): the maximizer of ``points @ w`` for a
     positive ``w`` is a maximal point, so every point it dominates can go. Returns sorted kept indices."""
     p = np.ascontiguousarray(points, np.float64)
-    w = np.abs(np.asarray(weights, np.float64)) + 1e-12
-    pivots = p[np.unique(np.argmax(p @ w.T, axis=0))]
+    w = np.ascontiguousarray(np.abs(np.asarray(weights, np.float64)) + 1e-12)
+    pivots = p[np.unique(_argmax_dots(p, w))]
     return _not_dominated_by(p, np.ascontiguousarray(pivots))
 
 

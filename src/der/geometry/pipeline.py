@@ -16,7 +16,8 @@ Modes:
 * ``"none"``  — no preprocessing (the raw baseline through the same code path).
 
 The algorithms: ``der.geometry.convex_hull`` (``hull_method``: qhull | chan | monotone | auto);
-Delaunay and maxima use ``der.geometry.delaunay`` / ``der.geometry.maxima`` when those modules exist,
+Delaunay and maxima use ``der.geometry.delaunay`` (``delaunay_method``, default ``"qhull"`` = SciPy as in
+Table 23) / ``der.geometry.maxima`` when those modules exist,
 otherwise SciPy's Delaunay and a small numba maxima routine (private shims below).
 """
 
@@ -102,11 +103,11 @@ def _run_hull(p: np.ndarray, method: str) -> np.ndarray:
     return convex_hull(p, method=method)
 
 
-def _run_delaunay(p: np.ndarray) -> np.ndarray:
+def _run_delaunay(p: np.ndarray, method: str = "qhull") -> np.ndarray:
     if _has("delaunay"):
         from der.geometry.delaunay import delaunay
 
-        return np.asarray(delaunay(p))
+        return np.asarray(delaunay(p, method=method))
     from scipy.spatial import Delaunay
 
     return Delaunay(p).simplices.astype(np.int64)
@@ -180,6 +181,7 @@ def preprocess_then(
     net: Any = None,
     mode: str = "fused",
     hull_method: str = "qhull",
+    delaunay_method: str = "qhull",
     global_sample: int | None = None,
     errors: bool = True,
 ) -> PipelineResult:
@@ -211,7 +213,7 @@ def preprocess_then(
     if algorithm == "hull":
         result = _run_hull(moved, hull_method)
     elif algorithm == "delaunay":
-        result = _run_delaunay(moved)
+        result = _run_delaunay(moved, delaunay_method)
     else:
         result = _run_maxima(moved)
     t2 = time.perf_counter()
