@@ -93,6 +93,19 @@ def orient(ax, ay, bx, by, cx, cy) -> float:
 
 
 @njit(cache=True)
+def absmax(P) -> float:
+    """max |P| over all entries in one vectorizable pass; NaN if any entry is NaN, inf if any is inf."""
+    m = 0.0
+    bad = 0.0
+    for i in range(P.shape[0]):
+        for c in range(P.shape[1]):
+            v = P[i, c]
+            bad += v - v  # 0 for finite values, NaN for NaN or +-inf
+            m = max(m, abs(v))
+    return m + bad
+
+
+@njit(cache=True)
 def lex_fix_ties(P, order) -> None:
     """Make ``order`` (sorted by x only) lexicographic in (x, y, index), in place."""
     n = order.shape[0]

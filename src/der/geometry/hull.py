@@ -48,14 +48,20 @@ _DONE = 20_000  # survivors few enough for the final sort + chain
 _MAX_ROUNDS = 3
 
 
-def _prepare(points) -> np.ndarray:
-    """Validate and return an exact power-of-two rescaling of ``points`` (C-contiguous float64)."""
-    P = check_points(points, 2)
-    if len(P):
-        big = float(np.abs(P).max())
-        if big > 2.0**400 or (0.0 < big < 2.0**-400):
-            P = np.ldexp(P, -int(np.frexp(big)[1]))  # exact: only the exponent changes
-    return P
+def _prepare(points) -> tuple[np.ndarray, float]:
+    """Validate ``points``; return an exact power-of-two rescaling (C-contiguous float64) and max |P|.
+
+    The NaN/Inf check and max |P| are one fused numba pass."""
+    P = check_points(points, 2, check_finite=False)
+    big = K.absmax(P) if len(P) else 0.0
+    if not np.isfinite(big):
+        bad = int(np.count_nonzero(~np.isfinite(P).all(axis=1)))
+        raise ValueError(f"points must be finite, got {bad} row(s) with NaN or Inf")
+    if big > 2.0**400 or (0.0 < big < 2.0**-400):
+        e = -int(np.frexp(big)[1])
+        P = np.ldexp(P, e)  # exact: only the exponent changes
+        big = float(np.ldexp(big, e))
+    return P, big
 
 
 def _chain(P: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
@@ -96,12 +102,14 @@ def _inner_polygon_filter(P: np.ndarray, q: np.ndarray, idx: np.ndarray | None, 
               tab_lo, tab_up, xb[tab_lo + 1], xb[tab_up + 1])
 
 
-def _auto(P: np.ndarray, par: bool = False) -> np.ndarray:
-    """Sample hull -> provable interior filter (refined while it pays) -> exact monotone chain."""
+def _auto(P: np.ndarray, par: bool = False, scale: float | None = None) -> np.ndarray:
+    """Sample hull -> provable interior filter (refined while it pays) -> exact monotone chain.
+    ``scale`` must bound max |P| (computed if not given)."""
     n = len(P)
     if n <= _SMALL:
         return _chain(P)
-    scale = float(np.abs(P).max())
+    if scale is None:
+        scale = K.absmax(P)
     step = max(1, n // _SAMPLE)
     cand = np.arange(0, n, step, dtype=np.int64)
     idx = None
@@ -146,7 +154,7 @@ def convex_hull(points, method: str = "auto") -> np.ndarray:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    P = _prepare(points)
+    P, scale = _prepare(points)
     if len(P) == 0:
         return np.zeros(0, dtype=np.int64)
     if method == "monotone":
@@ -157,7 +165,7 @@ def convex_hull(points, method: str = "auto") -> np.ndarray:
     if method == "chan":
         keep = K.dedup_hash(P)
         return keep[K.chan_hull(np.ascontiguousarray(P[keep]))]
-    return _auto(P)
+    return _auto(P, scale=scale)
 
 
 def warmup() -> None:
