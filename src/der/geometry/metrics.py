@@ -76,9 +76,12 @@ def hull_polygon(points: np.ndarray) -> np.ndarray:
 
     # Only candidate extreme points matter; pre-filter with a fast QHull-free pass for large inputs.
     if len(pts) > 2000:
-        from scipy.spatial import ConvexHull
+        from scipy.spatial import ConvexHull, QhullError
 
-        pts = pts[np.sort(ConvexHull(pts).vertices)]
+        try:
+            pts = pts[np.sort(ConvexHull(pts).vertices)]
+        except QhullError:  # degenerate (collinear) input: the plain chain below handles it
+            pass
     lower, upper = chain(pts), chain(pts[::-1])
     return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
 
