@@ -165,9 +165,12 @@ def _affine_form(x, anchors, alpha, metric, L):
         return feat, weight, torch.zeros(weight.shape[:-1], dtype=weight.dtype, device=weight.device)
     if metric == "mahalanobis":
         x, anchors = x @ L.T, anchors @ L.T
-    # H_diff is shift-invariant; centring on the anchors' mean avoids cancellation in 2αx·c − α‖c‖².
+    # H_diff is shift-invariant; centring on the anchors' mean avoids cancellation in 2αx·c − α‖c‖² when
+    # the sets sit far from the origin. Only then: the centred copy of x costs an extra N×d tensor.
     shift = anchors.detach().mean(dim=-2, keepdim=True)
-    x, anchors = x - shift, anchors - shift
+    spread = (anchors.detach() - shift).square().sum(-1).mean().sqrt()
+    if bool(shift.abs().max() > spread):
+        x, anchors = x - shift, anchors - shift
     return x, 2.0 * alpha * anchors, -alpha * (anchors * anchors).sum(-1)
 
 
