@@ -3,13 +3,16 @@
 Exactness rests on one predicate, :func:`orient`, the sign of
 ``(a - c) x (b - c)`` computed exactly: Shewchuk's floating-point filter (error bound
 ``ccwerrboundA``) decides almost every call; the rest fall back to an exact 12-term expansion sum of
-Dekker/Veltkamp products. This is exact as long as no product underflows or overflows; the public
-wrappers rescale the input by a power of two (an exact operation) so the largest coordinate is ~1.
+Dekker/Veltkamp products of the coordinates scaled by one power of two per call (exact), so that no
+product overflows or underflows unless a coordinate is nonzero but below ~2^-1000 times the largest
+coordinate of the same triple.
 
 All kernels use ``cache=True`` so compilation happens once per machine, not per process.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit, prange
@@ -17,6 +20,7 @@ from numba import njit, prange
 _EPS = 2.0**-53
 _SPLITTER = 134217729.0  # 2^27 + 1 (Veltkamp split for float64)
 _CCW_ERRBOUND_A = (3.0 + 16.0 * _EPS) * _EPS
+_TINY = 2.0**-900  # below this a float determinant may have underflowed: decide exactly
 
 
 @njit(cache=True, inline="always")
@@ -42,7 +46,17 @@ def _two_prod(a: float, b: float):
 
 @njit(cache=True)
 def _orient_exact(ax, ay, bx, by, cx, cy) -> float:
-    """Exact sign of ax*by - ax*cy - cx*by - ay*bx + ay*cx + cy*bx (as -1.0, 0.0 or 1.0)."""
+    """Exact sign of ax*by - ax*cy - cx*by - ay*bx + ay*cx + cy*bx (as -1.0, 0.0 or 1.0).
+
+    The six coordinates are first scaled by one power of two (exact; the sign is invariant) so the
+    largest is ~2^500: products then neither overflow nor, unless a coordinate is below ~2^-1000
+    times the largest one of the same triple, underflow."""
+    big = max(max(abs(ax), abs(ay)), max(max(abs(bx), abs(by)), max(abs(cx), abs(cy))))
+    if big == 0.0:
+        return 0.0
+    k = 500 - math.frexp(big)[1]
+    ax, ay, bx, by = math.ldexp(ax, k), math.ldexp(ay, k), math.ldexp(bx, k), math.ldexp(by, k)
+    cx, cy = math.ldexp(cx, k), math.ldexp(cy, k)
     terms = np.empty(12)
     prods = ((ax, by), (ax, -cy), (-cx, by), (-ay, bx), (ay, cx), (cy, bx))
     k = 0
@@ -77,18 +91,19 @@ def orient(ax, ay, bx, by, cx, cy) -> float:
     detleft = (ax - cx) * (by - cy)
     detright = (ay - cy) * (bx - cx)
     det = detleft - detright
-    if detleft > 0.0:
-        if detright <= 0.0:
+    if abs(det) > _TINY:  # Shewchuk's filter is valid only without underflow
+        if detleft > 0.0:
+            if detright <= 0.0:
+                return det
+            detsum = detleft + detright
+        elif detleft < 0.0:
+            if detright >= 0.0:
+                return det
+            detsum = -detleft - detright
+        else:
             return det
-        detsum = detleft + detright
-    elif detleft < 0.0:
-        if detright >= 0.0:
+        if abs(det) >= _CCW_ERRBOUND_A * detsum:
             return det
-        detsum = -detleft - detright
-    else:
-        return det
-    if abs(det) >= _CCW_ERRBOUND_A * detsum:
-        return det
     return _orient_exact(ax, ay, bx, by, cx, cy)
 
 

@@ -16,8 +16,9 @@ float64. QHull decides with floating-point tolerances and merges facets whose po
 roundoff bound; on inputs in general position both agree, but where points lie within ~1e-15 of a
 hull edge (dense points on a circle) QHull may drop vertices that are strictly convex in exact
 arithmetic. Input is rescaled by a power of two (exact) when its magnitude is outside
-``[2^-400, 2^400]``; the predicates are exact as long as no product underflows, i.e. unless nonzero
-coordinate magnitudes differ by more than ~2^450.
+``[2^-400, 2^400]``, and the exact predicate rescales each triple again; it stays exact unless a
+coordinate is nonzero but smaller than ~2^-1000 times the largest coordinate of the same triple
+(e.g. 1e-308 beside 1.0), where an underflowed product can turn a tiny turn into "collinear".
 
 **auto** (the paper's theme, §5.1: low-entropy structure makes hulls cheap): an exact,
 output-friendly variant of the Akl--Toussaint heuristic. Stage 1 finds the extreme points in
