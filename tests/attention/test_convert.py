@@ -79,17 +79,37 @@ def test_dynamic_layouts_are_per_input_and_gqa_expanded():
     assert h.dense_fallbacks == {}
 
 
-def test_padding_falls_back_loudly():
-    model, fwd, x, ref, h = _setup("bert")
-    convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}])
-    am = torch.ones_like(x)
-    am[1, 40:] = 0
-    with pytest.warns(UserWarning, match="running dense"), torch.no_grad():
-        out = model(input_ids=x, attention_mask=am).last_hidden_state
-    assert h.dense_fallbacks.get("a padding/custom attention mask") == 2
+def test_padding_runs_sparse_and_equals_masked_dense_on_real_tokens():
+    am = None
+    outs = {}
+    for backend in ("cpu", "dense"):
+        model, fwd, x, ref, h = _setup("bert")
+        convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}], backend=backend)
+        am = torch.ones_like(x)
+        am[1, 40:] = 0
+        with torch.no_grad():
+            outs[backend] = model(input_ids=x, attention_mask=am).last_hidden_state
+        assert h.dense_fallbacks == {}  # key padding runs block-sparse, not dense
+    real = am.bool()
+    torch.testing.assert_close(outs["cpu"][real], outs["dense"][real], atol=1e-5, rtol=1e-5)
     h.remove()
     with torch.no_grad():
-        torch.testing.assert_close(out, model(input_ids=x, attention_mask=am).last_hidden_state)
+        dense = model(input_ids=x, attention_mask=am).last_hidden_state
+    assert not torch.allclose(outs["cpu"][real], dense[real], atol=1e-4)
+
+
+def test_custom_mask_falls_back_loudly():
+    from der.attention.conversion import _key_padding
+
+    n = 8
+    pad = torch.ones(2, 1, n, n, dtype=torch.bool)
+    pad[1, :, :, 6:] = False
+    torch.testing.assert_close(_key_padding(pad, n, causal=False), pad[:, 0, 0, :])
+    odd = pad.clone()
+    odd[0, 0, 3, 1] = False  # one real query hides one real key: not key padding
+    assert _key_padding(odd, n, causal=False) is None
+    causal = pad & torch.ones(n, n, dtype=torch.bool).tril()
+    assert _key_padding(causal, n, causal=True) is not None and _key_padding(causal, n, causal=False) is None
 
 
 def test_longer_than_calibrated_and_too_short():

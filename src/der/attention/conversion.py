@@ -16,7 +16,8 @@ masks arrive exactly as SDPA would see them) and ``model.set_attn_implementation
 timm ``Attention`` modules (fused ``qkv``, no interface) get their ``forward`` replaced per instance.
 Layers not matched by the config keep their previous implementation (listed in ``handle.converted.dense_layers``).
 
-Never silent: whatever cannot run block-sparse — a padding mask (the kernel has no token mask), cached
+Never silent: whatever cannot run block-sparse — a custom mask that is not key padding (key padding runs
+sparse, through the kernel's ``key_padding_mask``), cached
 decoding (query length ≠ key length), inputs longer than the calibrated layout — runs the previous dense
 implementation, warns once per reason and counts it in ``handle.dense_fallbacks``. Attention dropout is not
 applied by the kernel (warned, counted as ``"dropout_ignored"``).
@@ -70,6 +71,23 @@ def _fallback(handle: DERHandle, reason: str) -> None:
     handle.dense_fallbacks[reason] = handle.dense_fallbacks.get(reason, 0) + 1
 
 
+def _key_padding(mask: torch.Tensor, n: int, causal: bool) -> torch.Tensor | None:
+    """``(B, N)`` bool key mask (True = real token) when ``mask`` is exactly key padding (plus the causal
+    triangle when ``causal``) on every real query row, else ``None``. Rows of padded queries are not
+    compared: their outputs are padding, and their keys are masked for every real query."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if allowed.dim() != 4 or allowed.shape[-2:] != (n, n):
+        return None
+    kpm = allowed.any(dim=-2).all(dim=1)  # (B, N): a key some query may see
+    want = kpm[:, None, None, :].expand_as(allowed)
+    if causal:
+        want = want & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    real_rows = kpm[:, None, :, None]
+    if not bool(((allowed == want) | ~real_rows).all()) or not bool(kpm.any(dim=-1).all()):
+        return None
+    return kpm
+
+
 def _mask_is_trivial(mask: torch.Tensor | None, n_q: int, n_k: int, causal: bool) -> bool:
     """True when ``mask`` allows exactly everything (or exactly the causal triangle when ``causal``)."""
     if mask is None:
@@ -111,9 +129,12 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
     if k.shape[2] != n:
         _fallback(handle, "query length ≠ key length (cached decoding)")
         return None
+    kpm = None
     if not _mask_is_trivial(mask, n, n, causal):
-        _fallback(handle, "a padding/custom attention mask")
-        return None
+        kpm = _key_padding(mask, n, causal)
+        if kpm is None:
+            _fallback(handle, "a custom attention mask (not key padding)")
+            return None
     groups = q.shape[1] // k.shape[1]
     lay = _layout_for(state, site, n, causal, groups)
     if lay is None:
@@ -128,7 +149,7 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return block_sparse_attention(q, k, v, lay.to(q.device), state.block_size, causal=causal,
-                                  backend=state.backend, scale=scaling)
+                                  backend=state.backend, scale=scaling, key_padding_mask=kpm)
 
 
 def der_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
