@@ -13,24 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import der
 import der.functional as F
-
-
-def _median_time(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from der._timing import median_time
 
 
 def clustered_points(n: int = 2000, k: int = 5, seed: int = 0) -> torch.Tensor:
@@ -121,8 +110,8 @@ def geometry_section(n: int) -> dict:
         # collinear vertices away), so the demo keeps that case at 1e5
         m = min(n, 100_000) if dist == "circle" else n
         pts = data.generate(dist, m, seed=0)
-        t_scipy = _median_time(lambda p=pts: ConvexHull(p))
-        t_ours = _median_time(lambda p=pts: convex_hull(p))
+        t_scipy = median_time(lambda p=pts: ConvexHull(p))[0]
+        t_ours = median_time(lambda p=pts: convex_hull(p))[0]
         exact = set(convex_hull(pts).tolist()) == set(ConvexHull(pts).vertices.tolist())
         res[dist] = {"n": m, "scipy_s": t_scipy, "ours_s": t_ours, "speedup": t_scipy / t_ours, "exact": exact}
         print(f"  hull {dist:15s} n={m:.0e}  SciPy {t_scipy * 1e3:7.2f} ms   ours {t_ours * 1e3:7.2f} ms"
@@ -130,7 +119,7 @@ def geometry_section(n: int) -> dict:
     m = min(n, 100_000)  # the network's forward pass costs seconds per 1e5 points on CPU
     pts = data.generate("square", m, seed=1)
     r = preprocess_then(pts, algorithm="hull")
-    t_scipy = _median_time(lambda: ConvexHull(pts), repeats=3)
+    t_scipy = median_time(lambda: ConvexHull(pts), repeats=3)[0]
     res["entropynet_pipeline"] = {"n": m, "timings": r.timings, "errors": r.errors, "scipy_s": t_scipy,
                                   "speedup_vs_scipy": t_scipy / r.timings["total"]}
     print(f"  EntropyNet (pretrained) → QHull, square n={m:.0e}: network {r.timings['network'] * 1e3:.0f} ms + "
@@ -147,8 +136,8 @@ def attention_section(n: int) -> dict:
     B, H, Dh, bs = 1, 6, 64, 64
     q, k, v = (torch.randn(B, H, n, Dh, generator=g) for _ in range(3))
     layout = bigbird_layout(n // bs, H, density=0.25, seed=0).reshape(1, H, n // bs, n // bs)
-    dense = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    ours = _median_time(lambda: block_sparse_attention(q, k, v, layout, bs))
+    dense = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))[0]
+    ours = median_time(lambda: block_sparse_attention(q, k, v, layout, bs))[0]
     ref = block_sparse_attention(q, k, v, layout, bs, backend="dense")
     err = float((block_sparse_attention(q, k, v, layout, bs) - ref).abs().max())
     print(f"  block-sparse attention N={n}, H={H}, 75% blocks skipped: dense SDPA {dense * 1e3:.1f} ms,"

@@ -23,12 +23,12 @@ import json
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from der._timing import median_time
 
 ROOT = Path(__file__).resolve().parents[3]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -64,18 +64,6 @@ PAPER = {
 }
 
 
-def _time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), out
-
-
 def _fixed_dirs(m: int = 16) -> np.ndarray:
     t = np.arange(m) * 2 * np.pi / m
     return np.stack([np.cos(t), np.sin(t)], 1)
@@ -90,14 +78,14 @@ def _hull_rows(pts: np.ndarray, net: Any, repeats: int, net_repeats: int) -> lis
     from der.geometry.pipeline import preprocess_then
 
     rows: list[dict[str, Any]] = []
-    raw_t, _ = _time(lambda: ConvexHull(pts).vertices, repeats)
+    raw_t, _ = median_time(lambda: ConvexHull(pts).vertices, repeats)
     rows.append({"method": "scipy_qhull", "total_s": raw_t, "algorithm_s": raw_t, "network_s": 0.0,
                  "n_out": len(pts), "hull_area_symdiff_pct": 0.0, "vertex_recall": 1.0})
-    t, v = _time(lambda: convex_hull(pts, method="auto"), repeats)
+    t, v = median_time(lambda: convex_hull(pts, method="auto"), repeats)
     rows.append({"method": "der_hull_auto", "total_s": t, "algorithm_s": t, "network_s": 0.0, "n_out": len(pts),
                  **_pick(hull_errors(pts, pts[v]))})
-    t, keep = _time(lambda: prune_hull(pts, _fixed_dirs()), repeats)
-    ta, v = _time(lambda: ConvexHull(pts[keep]).vertices, repeats)
+    t, keep = median_time(lambda: prune_hull(pts, _fixed_dirs()), repeats)
+    ta, v = median_time(lambda: ConvexHull(pts[keep]).vertices, repeats)
     rows.append({"method": "fixed_prune_qhull", "total_s": t + ta, "algorithm_s": ta, "network_s": t,
                  "n_out": len(keep), **_pick(hull_errors(pts, pts[keep][v]))})
     specs = [("learned_prune_qhull", "prune", "qhull", repeats), ("entropynet_qhull", "net", "qhull", net_repeats),
@@ -128,8 +116,8 @@ def _delaunay_rows(pts: np.ndarray, net: Any, repeats: int) -> list[dict[str, An
 
     from der.geometry.pipeline import _run_delaunay, preprocess_then
 
-    raw_t, _ = _time(lambda: Delaunay(pts).simplices, repeats)
-    ord_t, _ = _time(lambda: _run_delaunay(pts, "ordered"), repeats)
+    raw_t, _ = median_time(lambda: Delaunay(pts).simplices, repeats)
+    ord_t, _ = median_time(lambda: _run_delaunay(pts, "ordered"), repeats)
     res = [preprocess_then(pts, "delaunay", net=net, mode="fused", errors=False) for _ in range(repeats + 1)][1:]
     errs = preprocess_then(pts, "delaunay", net=net, mode="fused").errors
     t = statistics.median(r.timings["total"] for r in res)
@@ -148,8 +136,8 @@ def _maxima_rows(pts: np.ndarray, repeats: int) -> list[dict[str, Any]]:
     from der.geometry.maxima import maxima
     from der.geometry.pipeline import preprocess_then
 
-    raw_t, _ = _time(lambda: maxima(pts, method="sweep"), repeats)
-    auto_t, _ = _time(lambda: maxima(pts, method="auto"), repeats)
+    raw_t, _ = median_time(lambda: maxima(pts, method="sweep"), repeats)
+    auto_t, _ = median_time(lambda: maxima(pts, method="auto"), repeats)
     res = [preprocess_then(pts, "maxima", mode="prune", errors=False) for _ in range(repeats + 1)][1:]
     f1 = preprocess_then(pts, "maxima", mode="prune").errors["f1"]
     t = statistics.median(r.timings["total"] for r in res)
@@ -195,8 +183,8 @@ def run(sizes: list[int], dists: list[str], repeats: int, net_repeats: int) -> d
     fused = FusedEntropyNet(net)
     for n in sorted({1000, *sizes}):
         x = data.generate("square", n, seed=3)
-        t_torch, _ = _time(lambda x=x: net.displace_numpy(x), 1 if n >= 10**6 else net_repeats)
-        t_fused, _ = _time(lambda x=x: fused.displace(x), 1 if n >= 10**6 else net_repeats)
+        t_torch, _ = median_time(lambda x=x: net.displace_numpy(x), 1 if n >= 10**6 else net_repeats)
+        t_fused, _ = median_time(lambda x=x: fused.displace(x), 1 if n >= 10**6 else net_repeats)
         overhead.append({"n": n, "torch_forward_s": t_torch, "fused_forward_s": t_fused})
     return {
         "benchmark": "geometry_entropynet",

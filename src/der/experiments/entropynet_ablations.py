@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from der._timing import median_time
 
 ROOT = Path(__file__).resolve().parents[3]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -69,16 +70,6 @@ def _variants(which: str, quick: bool) -> list[tuple[str, Any]]:
     raise ValueError(f"no training variants for {which!r}")
 
 
-def _timed(fn, repeats: int) -> tuple[float, Any]:
-    out = fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), out
-
-
 def _eval_sets(n: int) -> dict[str, np.ndarray]:
     from der.geometry import data
 
@@ -98,8 +89,8 @@ def _score(name: str, pre, sets: dict[str, np.ndarray], repeats: int, extra: dic
 
     rows = []
     for dist, p in sets.items():
-        raw, _ = _timed(lambda p=p: ConvexHull(p).vertices, repeats)
-        t, kept = _timed(lambda p=p: pipeline(p), repeats)
+        raw, _ = median_time(lambda p=p: ConvexHull(p).vertices, repeats)
+        t, kept = median_time(lambda p=p: pipeline(p), repeats)
         rows.append({"variant": name, "dist": dist, "n": len(p), "speedup": raw / t, "raw_ms": 1e3 * raw,
                      "total_ms": 1e3 * t, "kept_frac": len(kept) / len(p),
                      "hull_err_pct": hull_area_symdiff_pct(p, kept), **(extra or {})})
