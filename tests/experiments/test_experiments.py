@@ -36,7 +36,7 @@ def test_cli_lists_experiments_and_rejects_unknown():
 
 def test_parse_config_quick_overrides_and_errors():
     cfg, ns = parse_config(ViTDigitsConfig, ["--quick", "--epochs", "2", "--sparsities", "0.5,0.8"], "x")
-    assert ns.quick and cfg.epochs == 2 and cfg.sparsities == (0.5, 0.8) and cfg.train_limit == 600
+    assert ns.quick and cfg.epochs == 2 and cfg.sparsities == (0.5, 0.8) and cfg.batch_size == 16
     cfg, _ = parse_config(ViTDigitsConfig, ["--train-limit", "none"], "x")
     assert cfg.train_limit is None
     with pytest.raises(SystemExit):

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 C = TypeVar("C")
+_LOAD: dict[str, list[float]] = {}  # 1/5/15-minute load averages when the run started (see write_result)
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -73,12 +74,19 @@ def parse_config(cls: type[C], argv: list[str] | None, prog: str, description: s
     p.add_argument("--quick", action="store_true", help="the minutes-scale configuration (what tests run)")
     p.add_argument("--out", type=Path, default=None, help="result JSON path (default benchmarks/results/exp_<name>[_quick].json)")
     p.add_argument("--run-dir", type=Path, default=None, help="checkpoints/logs folder (default runs/<name>[_quick])")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2 with --quick, else torch's)")
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=str(getattr(tp, "__name__", tp)),
                        type=lambda s, tp=tp: _parse_value(tp, s), help=f"(default {f.default!r})"
                        if f.default is not dataclasses.MISSING else None)
     ns = p.parse_args(argv)
+    threads = ns.threads if ns.threads is not None else (2 if ns.quick else None)
+    if threads is not None:
+        if threads < 1:
+            p.error(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    _LOAD["start"] = list(os.getloadavg())
     base = cls.quick() if ns.quick else cls()  # type: ignore[attr-defined]
     overrides = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name) is not None}
     try:
@@ -93,7 +101,8 @@ def write_result(name: str, cfg: Any, quick: bool, payload: dict, out: Path | No
     path = out or results_dir() / f"exp_{name}{'_quick' if quick else ''}.json"
     meta = {"experiment": name, "quick": quick, "config": dataclasses.asdict(cfg), "config_hash": config_hash(cfg),
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+            "cpu_count": os.cpu_count(), "loadavg_start": _LOAD.get("start"), "loadavg_end": list(os.getloadavg()),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
     return write_json(path, {"meta": meta, **payload})
 
 
@@ -111,6 +120,7 @@ class ViTSpec:
     mlp: int = 128
     num_labels: int = 10
     dropout: float = 0.0
+    overlap: int = 0  # >0: overlapping patch embedding (kernel patch+2·overlap, same stride → same tokens)
 
 
 def tiny_vit(spec: ViTSpec, attn_implementation: str = "sdpa") -> nn.Module:
@@ -121,7 +131,16 @@ def tiny_vit(spec: ViTSpec, attn_implementation: str = "sdpa") -> nn.Module:
                     hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                     intermediate_size=spec.mlp, num_labels=spec.num_labels, hidden_dropout_prob=spec.dropout,
                     attention_probs_dropout_prob=0.0, attn_implementation=attn_implementation)
-    return ViTForImageClassification(cfg)
+    model = ViTForImageClassification(cfg)
+    if spec.overlap:
+        if spec.overlap < 0:
+            raise ValueError(f"overlap must be >= 0, got {spec.overlap}")
+        # overlapping patches (as in CvT / PVT v2): each token sees (patch + 2·overlap)² pixels; the token grid,
+        # hence N, is unchanged. Small data needs this locality to train a ViT in minutes.
+        model.vit.embeddings.patch_embeddings.projection = nn.Conv2d(
+            spec.channels, spec.hidden, kernel_size=spec.patch_size + 2 * spec.overlap, stride=spec.patch_size,
+            padding=spec.overlap)
+    return model
 
 
 class VIBHead(nn.Module):

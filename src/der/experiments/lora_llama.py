@@ -17,6 +17,7 @@ raises a clear error (bitsandbytes' 4-bit kernels need CUDA). The CPU run is the
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ class LoraLlamaConfig:
 
     @classmethod
     def quick(cls) -> LoraLlamaConfig:
-        return cls(context=256, block_size=32, hidden=64, layers=2, lora_layers=1, pretrain_steps=30, lora_steps=15,
-                   max_bytes=800_000, val_windows=12)
+        # a base LM that has learned something (~200 steps), then LoRA on the top layer; context 512 = 16 blocks
+        return cls(context=512, block_size=32, hidden=64, layers=2, lora_layers=1, pretrain_steps=200, lora_steps=80,
+                   lr=2e-3, max_bytes=2_000_000, val_windows=32)
 
     def lm(self) -> ByteLMConfig:
         return ByteLMConfig(context=self.context, block_size=self.block_size, sparsity=self.sparsity,
@@ -116,7 +118,9 @@ def run(cfg: LoraLlamaConfig, run_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, ns = parse_config(LoraLlamaConfig, argv, "der exp lora-llama", __doc__.split("\n\n")[0])
+    t0 = time.perf_counter()
     res = run(cfg, ns.run_dir or Path("runs") / f"lora_llama{'_quick' if ns.quick else ''}")
+    res["wall_seconds"] = time.perf_counter() - t0
     path = write_result("lora_llama", cfg, ns.quick, res, ns.out)
     for k, v in res["methods"].items():
         print(f"{k:<24} ppl {v['val_ppl']:8.3f}  latency {v.get('latency_ms', float('nan')):8.1f} ms")

@@ -1,6 +1,7 @@
 """Mask–object IoU on digits (the analog of Table 18 and the abstract's "IoU 0.73 vs 0.41").
 
-``der exp mask-iou [--quick]``: train the tiny digits ViT plainly (its attention top-k is the *magnitude*
+``der exp mask-iou [--quick]``: the models are those of ``der exp vit-digits`` (same training fields → same
+checkpoints under the same run dir, so after a vit-digits run nothing is retrained): the tiny digits ViT trained plainly (its attention top-k is the *magnitude*
 mask), with DER (λ·H_diff on keys) and with the L1 attention penalty (``baselines.l1_attention_penalty``). For each test image and layer, the CLS token's attention over the 256 patches (mean over heads)
 is thresholded to its top ``1 − sparsity`` fraction — the attention mask at that sparsity — and compared
 with the object mask (patches whose mean intensity in the upsampled digit exceeds 0.25). Reported: mean
@@ -30,6 +31,7 @@ class MaskIoUConfig:
     hidden: int = 64
     layers: int = 2
     heads: int = 4
+    overlap: int = 4
     lam: float = 0.01
     l1_lam: float = 0.03
     seed: int = 0
@@ -40,7 +42,15 @@ class MaskIoUConfig:
 
     @classmethod
     def quick(cls) -> MaskIoUConfig:
-        return cls(epochs=4, train_limit=600, test_limit=150, hidden=32, heads=2)
+        q = ViTDigitsConfig.quick()  # the vit-digits quick models
+        return cls(epochs=q.epochs, batch_size=q.batch_size, lr=q.lr, hidden=q.hidden, layers=q.layers, heads=q.heads,
+                   overlap=q.overlap, lam=q.lam, l1_lam=q.l1_lam)
+
+    def vit(self) -> ViTDigitsConfig:
+        """The vit-digits config whose trained variants this experiment reads."""
+        return ViTDigitsConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, train_limit=self.train_limit,
+                               hidden=self.hidden, layers=self.layers, heads=self.heads, overlap=self.overlap,
+                               lam=self.lam, l1_lam=self.l1_lam, l1_sparsity=self.sparsity, seed=self.seed)
 
 
 def topk_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
@@ -77,7 +87,7 @@ def run(cfg: MaskIoUConfig, run_dir: Path) -> dict:
     fg = data.test_fg
     if cfg.test_limit is not None:
         x, fg = x[: cfg.test_limit], fg[: cfg.test_limit]
-    vcfg = ViTDigitsConfig(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, lam=cfg.lam, seed=cfg.seed)
+    vcfg = cfg.vit()
     keep = 1 - cfg.sparsity
     g = torch.Generator().manual_seed(cfg.seed)
     rand = topk_mask(torch.rand(fg.shape, generator=g), keep)
@@ -86,11 +96,12 @@ def run(cfg: MaskIoUConfig, run_dir: Path) -> dict:
     for name in ("magnitude (plain)", "der", "l1"):
         model, handle = _fresh(vcfg, None)
         handle.regularize = name == "der"
+        variant = name.split()[0].replace("magnitude", "dense")
         override = l1_loss(cfg.l1_lam, vcfg.block_size, keep) if name == "l1" else None
         if override is not None:
             model.set_attn_implementation("eager")
         train_classifier(model, train, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                         out_dir=run_dir / name.split()[0], config=cfg, seed=cfg.seed, loss_override=override,
+                         out_dir=run_dir / variant, config=vcfg.train_key(variant), seed=cfg.seed, loss_override=override,
                          extra_loss=(lambda m, xx, y, lg, h=handle: (h.loss(), {})) if name == "der" else None,
                          on_step=lambda s, h=handle: h.step())
         model.set_attn_implementation("sdpa")
@@ -104,7 +115,7 @@ def run(cfg: MaskIoUConfig, run_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, ns = parse_config(MaskIoUConfig, argv, "der exp mask-iou", __doc__.split("\n\n")[0])
-    res = run(cfg, ns.run_dir or Path("runs") / f"mask_iou{'_quick' if ns.quick else ''}")
+    res = run(cfg, ns.run_dir or Path("runs") / f"vit_digits{'_quick' if ns.quick else ''}")
     path = write_result("mask_iou", cfg, ns.quick, res, ns.out)
     print(f"chance IoU {res['chance_iou']:.3f}; wrote {path}")
     return 0
