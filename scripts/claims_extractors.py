@@ -1,0 +1,127 @@
+"""Judges for the claims table that read the geometry, kernel, surrogate-op and MiniLM result files.
+
+Each judge takes the parsed JSON of one result file and returns ``(our counterpart, verdict)``; used by
+``scripts/make_claims.py``. Nothing here is typed by hand: every number comes from the file.
+"""
+
+from __future__ import annotations
+
+import math
+
+Verdict = tuple[str, str]
+
+
+def _x(v: float) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.2f}×"
+
+
+def _row(d: dict, **match) -> dict | None:
+    for r in d["rows"]:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def entropynet_table2(d: dict) -> Verdict:
+    """Table 2: EntropyNet → hull, network included, vs SciPy; our exact hull as the honest alternative."""
+    parts, ok = [], False
+    for dist, paper in (("square", 4.14), ("parabola", 2.33)):
+        net = [r for r in d["rows"] if r["task"] == "hull" and r["dist"] == dist and r["method"].startswith("entropynet")]
+        if not net:
+            continue
+        n = max(r["n"] for r in net)
+        best = max((r for r in net if r["n"] == n), key=lambda r: r["speedup_vs_scipy"])
+        auto = _row(d, task="hull", dist=dist, n=n, method="der_hull_auto")
+        ok |= best["speedup_vs_scipy"] >= paper and (best.get("hull_area_symdiff_pct") or 0) < 0.2
+        parts.append(f"{dist} n={n:.0e}: best EntropyNet pipeline {_x(best['speedup_vs_scipy'])} at "
+                     f"{best.get('hull_area_symdiff_pct', float('nan')):.3f}% error (paper {paper}×); "
+                     f"exact `convex_hull` without a network {_x(auto['speedup_vs_scipy']) if auto else 'n/a'}")
+    return "; ".join(parts), ("reproduced" if ok else "not reproduced (network cost exceeds the hull it speeds up)")
+
+
+def table23(d: dict) -> Verdict:
+    """Table 23: n = 1e6 hull (EntropyNet + Chan 1.41×; SciPy 15.8 s) and n = 1e5 Delaunay (1.36×)."""
+    scipy = _row(d, task="hull", dist="square", n=1_000_000, method="scipy_qhull")
+    chan = _row(d, task="hull", dist="square", n=1_000_000, method="entropynet_chan")
+    dl = _row(d, task="delaunay", dist="square", n=100_000, method="entropynet_fused_delaunay")
+    ours_dl = _row(d, task="delaunay", dist="square", n=100_000, method="der_delaunay_ordered")
+    txt = (f"SciPy ConvexHull n=1e6: {scipy['total_s']:.3f} s (paper 15.8 s); EntropyNet + Chan: "
+           f"{_x(chan['speedup_vs_scipy']) if chan else 'n/a'}; EntropyNet → Delaunay n=1e5: "
+           f"{_x(dl['speedup_vs_scipy']) if dl else 'n/a'}; our ordered Delaunay: "
+           f"{_x(ours_dl['speedup_vs_scipy']) if ours_dl else 'n/a'}")
+    ok = chan is not None and chan["speedup_vs_scipy"] >= 1.41 and dl is not None and dl["speedup_vs_scipy"] >= 1.36
+    return txt, "reproduced" if ok else "not reproduced (and the paper's SciPy baseline is ~50× too slow)"
+
+
+def table10(d: dict) -> Verdict:
+    """Table 10: 3D maxima 2.8–3.2×. No 3D network is trained; the exact dominance filter is reported."""
+    rows = [r for r in d["rows"] if r["task"] == "maxima" and r["method"] in ("der_maxima_auto", "dominance_prune_maxima")]
+    txt = "; ".join(f"{r['method']} n={r['n']:.0e}: {_x(r['speedup_vs_scipy'])} vs sort-and-sweep" for r in rows)
+    return txt or "no maxima rows", "not testable as a learned result (no 3D EntropyNet, no KITTI/Waymo); exact filter shown"
+
+
+def _ablation(d: dict, paper_note: str) -> Verdict:
+    by: dict[str, list[str]] = {}
+    for r in d["rows"]:
+        by.setdefault(r["variant"], []).append(f"{r['dist']} {_x(r['speedup'])}, {r['hull_err_pct']:.3f}% err")
+    scale = " (quick: small nets, 16 steps)" if d.get("quick") else ""
+    txt = "; ".join(f"{v}: {', '.join(s)}" for v, s in by.items()) + f" at n={d['rows'][0]['n']:.0e}{scale}"
+    best = max(r["speedup"] for r in d["rows"])
+    return txt, f"not reproduced (best {best:.2f}× end to end; {paper_note})"
+
+
+def table15(d: dict) -> Verdict:
+    return _ablation(d, "paper: halfspace 4.82× vs ball 4.14×")
+
+
+def table16(d: dict) -> Verdict:
+    return _ablation(d, "paper: 3.8–4.2× for k ∈ [8, 64]")
+
+
+def table17(d: dict) -> Verdict:
+    return _ablation(d, "paper: fixed anchors 2.87×, α = 1 3.21×, λ = 1 5.21×")
+
+
+def table20(d: dict) -> Verdict:
+    by = {}
+    for r in d["rows"]:
+        by.setdefault(r["variant"], []).append(f"{r['dist']} {_x(r['speedup'])} ({r['hull_err_pct']:.2f}% err)")
+    txt = "; ".join(f"{v}: {', '.join(s)}" for v, s in by.items())
+    return txt, "not reproduced (no learned preprocessor beats the exact filter; NeuralSort row is its hard sort)"
+
+
+def table22(d: dict) -> Verdict:
+    rows = d.get("network_overhead", [])
+    txt = "; ".join(f"n={r['n']:.0e}: torch {r['torch_forward_s'] * 1e3:.0f} ms, fused {r['fused_forward_s'] * 1e3:.0f} ms"
+                    for r in rows)
+    fastest = min((r["fused_forward_s"] for r in rows), default=float("inf"))
+    return txt, "reproduced" if fastest * 1e3 <= 0.8 else "not reproduced (forward pass ≫ 0.8 ms on CPU)"
+
+
+def kernel(d: dict) -> Verdict:
+    s = d["summary"]
+    txt = (f"median {_x(s['ours_speedup_median'])} dense SDPA over all shapes, {_x(s['ours_speedup_median_N>=1024'])} "
+           f"at N ≥ 1024, min {_x(s['ours_speedup_min'])}; compiled FlexAttention forward {_x(s['flex_fwd_speedup_median'])}")
+    return txt, "reproduced" if s["ours_speedup_median"] >= 3 else "not reproduced (goal ≥ 3×)"
+
+
+def surrogate_op(d: dict) -> Verdict:
+    parts, ok = [], True
+    for r in d["rows"]:
+        if "speedup" not in r:
+            continue
+        parts.append(f"N={r['N']:.0e}, k={r['k']}, d={r['d']}: {_x(r['speedup'])} naive, memory "
+                     f"{100 * r['memory_ratio']:.1f}% of naive, {r['floor_ratio']:.1f}× FLOP floor")
+        ok &= r["speedup"] >= 5 and r["memory_ratio"] <= 0.10
+    return "; ".join(parts), "goals met" if ok else "goals partly met (≥5× and ≤10% memory at both sizes)"
+
+
+def minilm(d: dict) -> Verdict:
+    def cos(block: dict, key: str) -> str:
+        return f"{block[key]['cos']['mean']:.3f}" if key in block else "n/a"
+
+    b, a = d["before"], d["after"]
+    txt = (f"all-MiniLM-L6-v2, {d['seq_len']} tokens, blocks of {d['block_size']}: cosine(sparse, dense) "
+           f"static 50% {cos(b, 'static@0.5')} → {cos(a, 'static@0.5')}, 75% {cos(b, 'static@0.75')} → "
+           f"{cos(a, 'static@0.75')} (before → after a {d['steps']}-step DER fine-tune)")
+    return txt, "measured (no paper counterpart at this scale)"
