@@ -111,15 +111,25 @@ def evaluate(model, val: ByteWindows, n: int, batch: int = 8) -> dict:
     return {"val_ppl": math.exp(nll), "bits_per_byte": nll / math.log(2)}
 
 
-def _kernel_speedup(layout: torch.Tensor, cfg: ByteLMConfig) -> dict:
+def row_stats(layouts: list[torch.Tensor]) -> dict:
+    """Kept causal key blocks per query-block row: mean and max over rows, heads and layers. The CPU kernel
+    pads every row of a head to that head's longest row, so its cost follows the max more than the mean."""
+    rows = torch.cat([lay.tril().sum(-1).flatten().double() for lay in layouts])
+    per_head_max = torch.cat([lay.tril().sum(-1).amax(-1).flatten().double() for lay in layouts])
+    return {"mean_kept_per_row": float(rows.mean()), "mean_head_max_kept_per_row": float(per_head_max.mean()),
+            "blocks_per_row": int(layouts[0].shape[-1])}
+
+
+def _kernel_speedup(layouts: list[torch.Tensor], cfg: ByteLMConfig) -> dict:
+    """Attention-kernel time of every layer's layout (summed) vs SDPA causal on the same shapes, one process."""
     from der.attention import block_sparse_attention
 
     h, dh = cfg.heads, cfg.hidden // cfg.heads
     q, k, v = (torch.randn(cfg.batch_size, h, cfg.context, dh) for _ in range(3))
-    lay = layout[None] if layout.dim() == 3 else layout
-    dense = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    sparse = median_ms(lambda: block_sparse_attention(q, k, v, lay, cfg.block_size, causal=True))
-    return {"sdpa_causal_ms": dense, "block_sparse_ms": sparse, "speedup": dense / sparse}
+    lays = [lay[None] if lay.dim() == 3 else lay for lay in layouts]
+    dense = median_ms(lambda: [F.scaled_dot_product_attention(q, k, v, is_causal=True) for _ in lays])
+    sparse = median_ms(lambda: [block_sparse_attention(q, k, v, lay, cfg.block_size, causal=True) for lay in lays])
+    return {"sdpa_causal_ms": dense, "block_sparse_ms": sparse, "speedup": dense / sparse, "layers": len(lays)}
 
 
 def run(cfg: ByteLMConfig, run_dir: Path) -> dict:
@@ -177,7 +187,7 @@ def run(cfg: ByteLMConfig, run_dir: Path) -> dict:
         res = {**evaluate(model, val, cfg.val_windows), "val_ppl_before_finetune": before["val_ppl"],
                "block_sparsity": sum(layout_sparsity(lay, causal=True) for lay in lays) / len(lays),
                "latency_ms": median_ms(lambda m=model: m(input_ids=xb)),
-               "kernel": _kernel_speedup(lays[0], cfg), "dense_fallbacks": dict(handle.dense_fallbacks)}
+               "kernel": _kernel_speedup(lays, cfg), "rows": row_stats(lays), "dense_fallbacks": dict(handle.dense_fallbacks)}
         res["ppl_increase_pct"] = 100 * (res["val_ppl"] / out["methods"]["dense"]["val_ppl"] - 1)
         out["methods"][method] = res
     return out

@@ -55,8 +55,8 @@ class LoraLlamaConfig:
 
     @classmethod
     def quick(cls) -> LoraLlamaConfig:
-        # a base LM that has learned something (~200 steps), then LoRA on the top layer; context 512 = 16 blocks
-        return cls(context=512, block_size=32, hidden=64, layers=2, lora_layers=1, pretrain_steps=200, lora_steps=80,
+        # a base LM that has learned something (600 steps), then LoRA on the top layer; context 512 = 16 blocks
+        return cls(context=512, block_size=32, hidden=64, layers=2, lora_layers=1, pretrain_steps=600, lora_steps=200,
                    lr=2e-3, max_bytes=2_000_000, val_windows=32)
 
     def lm(self) -> ByteLMConfig:
