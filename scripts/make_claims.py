@@ -79,7 +79,10 @@ def byte_lm(d: dict) -> Verdict:
     txt = (f"byte LM{_scale_note(d)}: PPL dense {_f(m['dense']['val_ppl'], 3)}, DER {_f(der['val_ppl'], 3)} "
            f"(+{_f(der['ppl_increase_pct'])}%), BigBird {_f(m['bigbird']['val_ppl'], 3)}, Longformer "
            f"{_f(m['longformer']['val_ppl'], 3)}; causal block sparsity {_f(der['block_sparsity'], 2)}; attention "
-           f"kernel speedup {_f(der['kernel']['speedup'], 2)}×")
+           f"kernel speedup {_f(der['kernel']['speedup'], 2)}×"
+           + (f" (DER rows keep {_f(der['rows']['mean_kept_per_row'], 2)} blocks on average, "
+              f"{_f(der['rows']['mean_head_max_kept_per_row'], 2)} in a head's longest row; the kernel pads to it)"
+              if "rows" in der else ""))
     ok = der["ppl_increase_pct"] <= 5 and der["kernel"]["speedup"] >= 1.5
     return txt, _verdict(ok) + " (goal: PPL +≤5%, ≥1.5× attention)"
 
