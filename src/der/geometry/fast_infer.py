@@ -21,6 +21,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from der.geometry.maxima import _dominated
+
 __all__ = ["FusedEntropyNet", "first_in_cell", "prune_hull", "prune_maxima"]
 
 _BITMAP_LIMIT = 1 << 26  # cells; 64 MiB of bools at most
@@ -121,30 +123,6 @@ def prune_hull(points: np.ndarray, directions: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- exact pruning (maxima)
 @numba.njit(cache=True)
-def _not_dominated_by(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    n, d = p.shape
-    keep = np.empty(n, dtype=np.int64)
-    m = 0
-    for i in range(n):
-        dominated = False
-        for k in range(q.shape[0]):
-            ge, gt = True, False
-            for j in range(d):
-                if q[k, j] < p[i, j]:
-                    ge = False
-                    break
-                if q[k, j] > p[i, j]:
-                    gt = True
-            if ge and gt:
-                dominated = True
-                break
-        if not dominated:
-            keep[m] = i
-            m += 1
-    return keep[:m]
-
-
-@numba.njit(cache=True)
 def _argmax_dots(p: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``argmax_i p_i · w_j`` for each row ``w_j`` in one pass (no BLAS: a (n, d) @ (d, m) product with
     tiny d, m is slow and thread-hungry in BLAS)."""
@@ -164,12 +142,13 @@ def _argmax_dots(p: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def prune_maxima(points: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Exact maxima filter (larger is better in every coordinate): the maximizer of ``points @ w`` for a
-    positive ``w`` is a maximal point, so every point it dominates can go. Returns sorted kept indices."""
+    """Exact maxima filter (larger is better in every coordinate, d = 2 or 3): the maximizer of
+    ``points @ w`` for a positive ``w`` is a maximal point, so every point it strictly dominates can go.
+    Returns sorted kept indices."""
     p = np.ascontiguousarray(points, np.float64)
     w = np.ascontiguousarray(np.abs(np.asarray(weights, np.float64)) + 1e-12)
     pivots = p[np.unique(_argmax_dots(p, w))]
-    return _not_dominated_by(p, np.ascontiguousarray(pivots))
+    return np.flatnonzero(~_dominated(p, np.ascontiguousarray(pivots)))
 
 
 # --------------------------------------------------------------------------- fused network

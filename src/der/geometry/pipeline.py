@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import time
 from typing import Any
 
@@ -93,10 +92,6 @@ def learned_directions(net) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- algorithm shims
-def _has(mod: str) -> bool:
-    return importlib.util.find_spec(f"der.geometry.{mod}") is not None
-
-
 def _run_hull(p: np.ndarray, method: str) -> np.ndarray:
     from der.geometry.hull import convex_hull
 
@@ -104,55 +99,16 @@ def _run_hull(p: np.ndarray, method: str) -> np.ndarray:
 
 
 def _run_delaunay(p: np.ndarray, method: str = "qhull") -> np.ndarray:
-    if _has("delaunay"):
-        from der.geometry.delaunay import delaunay
+    from der.geometry.delaunay import delaunay
 
-        return np.asarray(delaunay(p, method=method))
-    from scipy.spatial import Delaunay
-
-    return Delaunay(p).simplices.astype(np.int64)
-
-
-def _maxima_numba():
-    import numba
-
-    @numba.njit(cache=True)
-    def scan(p: np.ndarray, order: np.ndarray) -> np.ndarray:
-        out = np.empty(len(order), dtype=np.int64)
-        m = 0
-        for i in order:  # decreasing lexicographic order: no later point dominates an earlier one
-            dom = False
-            for t in range(m):
-                q = out[t]
-                ge, gt = True, False
-                for j in range(p.shape[1]):
-                    if p[q, j] < p[i, j]:
-                        ge = False
-                        break
-                    if p[q, j] > p[i, j]:
-                        gt = True
-                if ge and gt:
-                    dom = True
-                    break
-            if not dom:
-                out[m] = i
-                m += 1
-        return np.sort(out[:m])
-
-    return scan
-
-
-_maxima_scan = functools.lru_cache(maxsize=1)(_maxima_numba)
+    return np.asarray(delaunay(p, method=method))
 
 
 def _run_maxima(p: np.ndarray) -> np.ndarray:
     """Indices of the maximal points (larger is better in every coordinate; duplicates all kept)."""
-    if _has("maxima"):
-        from der.geometry.maxima import maxima
+    from der.geometry.maxima import maxima
 
-        return np.sort(np.asarray(maxima(p), dtype=np.int64))
-    order = np.lexsort(p.T[::-1])[::-1].astype(np.int64)
-    return _maxima_scan()(p, np.ascontiguousarray(order))
+    return np.sort(np.asarray(maxima(p), dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- errors
