@@ -11,6 +11,7 @@ IoU per method and layer, and the IoU of a random mask of the same size (chance 
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -115,7 +116,9 @@ def run(cfg: MaskIoUConfig, run_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, ns = parse_config(MaskIoUConfig, argv, "der exp mask-iou", __doc__.split("\n\n")[0])
+    t0 = time.perf_counter()
     res = run(cfg, ns.run_dir or Path("runs") / f"vit_digits{'_quick' if ns.quick else ''}")
+    res["wall_seconds"] = time.perf_counter() - t0  # after a vit-digits run: evaluation only
     path = write_result("mask_iou", cfg, ns.quick, res, ns.out)
     print(f"chance IoU {res['chance_iou']:.3f}; wrote {path}")
     return 0
