@@ -158,6 +158,26 @@ def mask_iou(d: dict) -> tuple[list[str], Callable | None]:
     return out, None
 
 
+def _reruns(results: Path, path: Path, d: dict) -> list[str]:
+    """Other runs of the same config (``<stem>_*.json``, e.g. another thread count): top-1 / PPL side by side,
+    to show how much the numbers move between runs that differ only in floating-point reduction order."""
+    out = []
+    for other in sorted(results.glob(f"{path.stem}_*.json")):
+        o = json.loads(other.read_text())
+        if o.get("meta", {}).get("config_hash") != d.get("meta", {}).get("config_hash"):
+            continue
+        first = next(iter(d["methods"].values()))
+        key = next((k for k in ("top1", "iou_mean", "clean_top1", "val_ppl") if k in first), None)
+        if key is None:
+            continue
+        nd = 1 if key in ("top1", "clean_top1") else 3
+        rows = [[k, _f(v.get(key), nd), _f(o["methods"].get(k, {}).get(key), nd)] for k, v in d["methods"].items()]
+        out += [f"Same config rerun `{other.name}` ({o['meta'].get('threads')} threads instead of "
+                f"{d['meta'].get('threads')}; only the floating-point reduction order differs):", "",
+                *_table(["method", f"{key} ({path.name})", f"{key} ({other.name})"], rows), ""]
+    return out
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict], tuple[list[str], Callable | None]]]] = {
     "vit_digits": ("ViT on digits (Tables 4, 5, 24 analog)", vit),
     "byte_lm": ("Byte-level LM on stdlib sources (Table 3 analog)", byte_lm),
@@ -180,6 +200,7 @@ def render(results: Path, plots: bool) -> str:
         d = json.loads(path.read_text())
         body, plot = fn(d)
         lines += [f"`{path.name}` — {_meta(d)}.", "", *body, ""]
+        lines += _reruns(results, path, d)
         if plot is not None and plots:
             import matplotlib
 
