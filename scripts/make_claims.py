@@ -108,7 +108,8 @@ def mask_iou(d: dict) -> Verdict:
     der, l1 = m["der"]["iou_mean"], m.get("l1", {}).get("iou_mean")
     mag = m.get("magnitude (plain)", {}).get("iou_mean")
     return (f"IoU (CLS attention top-25% vs foreground patches){_scale_note(d)}: DER {_f(der, 3)}, L1 {_f(l1, 3)}, "
-            f"magnitude {_f(mag, 3)}, chance {_f(d['chance_iou'], 3)}", _verdict(l1 is not None and der > l1))
+            f"magnitude {_f(mag, 3)}, chance {_f(d['chance_iou'], 3)}",
+            _verdict(l1 is not None and mag is not None and der > l1 and der > mag) + " (DER above L1 and magnitude)")
 
 
 def breakeven(d: dict) -> Verdict:
