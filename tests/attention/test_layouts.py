@@ -104,3 +104,29 @@ def test_query_routing_formula_and_gqa_scores():
     assert sc.shape == (2, 4, 3, 3)
     torch.testing.assert_close(sc.sum(-1), torch.ones(2, 4, 3, dtype=torch.float64))
     torch.testing.assert_close(sc[:, 1], block_scores(p[:, 0], 8, route=r[:, 1]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sparsity", [0.5, 0.75])
+def test_row_budget_keeps_top_b_per_query_block(causal, sparsity):
+    from der.attention.layouts import select_blocks
+
+    g = torch.Generator().manual_seed(3)
+    nb = 12
+    scores = torch.rand(2, 3, nb, nb, generator=g, dtype=torch.float64)
+    lay = select_blocks(scores, sparsity, causal=causal, budget="row")
+    valid = torch.arange(1, nb + 1) if causal else torch.full((nb,), nb)
+    b = (valid * (1 - sparsity)).round().long().clamp(min=1)
+    assert torch.equal(lay.sum(-1), b.expand(2, 3, nb))  # exactly b_a blocks in row a
+    assert bool(lay.diagonal(dim1=-2, dim2=-1).all())  # own block always kept
+    if causal:
+        assert not bool(lay.triu(1).any())
+    # the kept off-diagonal blocks are the row's best ones
+    s = scores.masked_fill(torch.eye(nb, dtype=torch.bool), float("inf"))
+    if causal:
+        s = s.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
+    worst_kept = s.masked_fill(~lay, float("inf")).amin(-1)
+    best_dropped = s.masked_fill(lay, float("-inf")).amax(-1)
+    assert bool((worst_kept >= best_dropped).all())
+    with pytest.raises(ValueError, match="budget"):
+        select_blocks(scores, sparsity, budget="column")

@@ -102,6 +102,8 @@ class DERConfig:
         lam: λ (App. G.10: 0.01 for ViT/BERT/LLaMA, 0.03 for GPT-2; ``None`` → architecture default).
         metric: distance of Eq. 2 (``sqeuclidean`` default).
         block_size / sparsity / mode: what :func:`der.attention.convert` uses by default.
+        budget: ``"head"`` (exact block budget per head, rows uneven) or ``"row"`` (top-b per query block,
+            uniform rows); see :mod:`der.attention.layouts`.
         every: compute H_diff only on every ``every``-th ``handle.step()`` (App. A "H_diff-lite": reduced
             update frequency; on the other steps ``handle.loss()`` is ``0·Σ anchors``, so anchors still take part).
         init: ``"data"`` — anchors are set to random keys of the first forward (App. A: random subsets
@@ -123,6 +125,7 @@ class DERConfig:
     block_size: int = 64
     sparsity: float = 0.75
     mode: str = "static"
+    budget: str = "head"
     every: int = 1
     init: str = "data"
     key_kind: str | None = None
@@ -151,6 +154,8 @@ class DERConfig:
         if not (isinstance(self.anneal_steps, int) and self.anneal_steps >= 0):
             raise ValueError(f"anneal_steps must be an int ≥ 0, got {self.anneal_steps!r}")
         check_block_args(self.block_size, self.sparsity, self.mode)
+        if self.budget not in ("head", "row"):
+            raise ValueError(f"budget must be 'head' or 'row', got {self.budget!r}")
         if not (isinstance(self.every, int) and self.every >= 1):
             raise ValueError(f"every must be an int ≥ 1, got {self.every!r}")
         if self.init not in ("data", "random"):

@@ -50,6 +50,7 @@ class ConvertState:
     block_size: int
     mode: str
     backend: str
+    budget: str = "head"
     layouts: dict[str, torch.Tensor] = field(default_factory=dict)  # site name → (H, nb, nb) (static)
     dense_layers: list[str] = field(default_factory=list)
     hf_models: list[tuple[nn.Module, str]] = field(default_factory=list)  # (model, previous impl)
@@ -115,7 +116,8 @@ def _layout_for(state: ConvertState, site: DERSite, n: int, causal: bool, groups
             q = None
         h = state.handle
         lay = dynamic_layout(keys, site.anchors.anchors.detach(), bs, state.sparsity, h.alpha,
-                             h.config.metric, causal, site.key_mask, queries=q, scale=site.scale)
+                             h.config.metric, causal, site.key_mask, queries=q, scale=site.scale,
+                             budget=state.budget)
     if groups > 1 and lay.shape[1] == site.heads:
         lay = lay.repeat_interleave(groups, dim=1)  # keys-only routing under GQA: share the kv head's layout
     return lay
@@ -244,7 +246,7 @@ def _swap_timm(state: ConvertState, site: DERSite) -> None:
 # --------------------------------------------------------------------------- public
 def convert(model: nn.Module, sparsity: float | None = None, block_size: int | None = None,
             mode: str | None = None, *, calib_inputs=None, backend: str = "auto",
-            layouts: dict[str, torch.Tensor] | None = None) -> DERHandle:
+            layouts: dict[str, torch.Tensor] | None = None, budget: str | None = None) -> DERHandle:
     """Freeze DER layouts and swap in block-sparse attention; returns the (same) handle.
 
     Args:
@@ -254,16 +256,20 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
             ``handle.calibrate()`` before freezing static layouts (else the handle's accumulated stats).
         backend: kernel backend of :func:`block_sparse_attention`.
         layouts: precomputed static layouts ``{site name: (H, nb, nb)}`` (used by ``der.attention.io.load``).
+        budget: ``"head"`` | ``"row"`` block budget (default: the config's); see :mod:`der.attention.layouts`.
     """
     handle = get_handle(model)
     cfg = handle.config
     sparsity = cfg.sparsity if sparsity is None else sparsity
     block_size = cfg.block_size if block_size is None else block_size
     mode = cfg.mode if mode is None else mode
+    budget = cfg.budget if budget is None else budget
     check_block_args(block_size, sparsity, mode)
+    if budget not in ("head", "row"):
+        raise ValueError(f"budget must be 'head' or 'row', got {budget!r}")
     if handle.converted is not None:
         raise ValueError("model is already converted; call handle.converted.undo() first")
-    state = ConvertState(handle, float(sparsity), int(block_size), mode, backend)
+    state = ConvertState(handle, float(sparsity), int(block_size), mode, backend, budget)
     if mode == "static":
         if layouts is None and calib_inputs is not None:
             _calibrate(model, handle, calib_inputs)
@@ -276,7 +282,7 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
                                  "inside `with handle.calibrate():` before convert")
             causal = bool(getattr(s.attention, "is_causal", False))
             state.layouts[s.name] = static_layout(s.stats_mass, s.stats_count, block_size, sparsity, causal,
-                                                  route=s.stats_route)
+                                                  route=s.stats_route, budget=budget)
     site_by_attn = {id(s.attention): s for s in handle.sites}
     hf = _hf_models(model)
     timm_sites = [s for s in handle.sites if type(s.attention).__module__.startswith("timm.")]

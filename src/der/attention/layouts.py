@@ -23,7 +23,9 @@ short; missing tokens carry no mass).
    every query block (a token always sees its own block, so no row is empty) plus the ``K - nb``
    highest-scoring remaining blocks over the whole head (rows whose routing is concentrated keep fewer
    blocks, diffuse rows more — a per-head top-b over blocks, b = K/nb on average). Ties are broken towards
-   the diagonal, so equal scores grow contiguous runs.
+   the diagonal, so equal scores grow contiguous runs. With ``budget="row"`` each query block instead keeps
+   its own best ``b = max(1, round((1 - sparsity) · valid))`` blocks (diagonal first): uniform rows, which
+   the kernels pad least (per-head budgets can give rows of very different lengths).
 5. **Contiguity.** The unit of selection is a block of ``bs`` consecutive keys: a kept support is a union of
    whole contiguous blocks, which is what block-sparse kernels can skip (the paper's block contiguity).
 
@@ -106,10 +108,20 @@ def block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor | None =
     return rows @ cols.transpose(-1, -2)
 
 
-def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False) -> torch.Tensor:
-    """Step 4 of the rule: ``scores: (..., nb, nb)`` → bool layout with exactly ``K`` blocks per head."""
+BUDGETS = ("head", "row")
+
+
+def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False, budget: str = "head") -> torch.Tensor:
+    """Step 4 of the rule: ``scores: (..., nb, nb)`` → bool layout at the target sparsity.
+
+    ``budget="head"``: exactly ``K`` blocks per head, spread over rows by score (default). ``budget="row"``:
+    every query block keeps its own ``b = max(1, round((1 - sparsity) · valid))`` best blocks (valid: nb, or
+    the row's causal prefix) — uniform rows, which a block-sparse kernel pads least (the paper's "top-b").
+    """
     if not (0.0 <= sparsity < 1.0):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     nb = scores.shape[-1]
     if scores.dim() < 2 or scores.shape[-2] != nb:
         raise ValueError(f"scores must be (..., nb, nb), got shape {tuple(scores.shape)}")
@@ -117,9 +129,16 @@ def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False) -
     dist = (idx[:, None] - idx[None, :]).abs().double()
     s = scores.double() - 1e-9 * dist  # ties → nearer the diagonal
     s = s.masked_fill(torch.eye(nb, dtype=torch.bool, device=s.device), math.inf)
-    nv = nb * (nb + 1) // 2 if causal else nb * nb
     if causal:
         s = s.masked_fill(idx[None, :] > idx[:, None], -math.inf)
+    if budget == "row":
+        valid = (idx + 1) if causal else torch.full_like(idx, nb)
+        b = (valid.double() * (1.0 - sparsity)).round().long().clamp(min=1)  # (nb,) blocks per row
+        top = s.topk(int(b.max()), dim=-1).indices  # (..., nb, bmax), best first
+        slot_ok = torch.arange(top.shape[-1], device=s.device)[None, :] < b[:, None]
+        out = torch.zeros_like(s, dtype=torch.bool)
+        return out.scatter_(-1, top, slot_ok.expand_as(top))
+    nv = nb * (nb + 1) // 2 if causal else nb * nb
     k = max(nb, int(round((1.0 - sparsity) * nv)))
     flat = s.reshape(*s.shape[:-2], nb * nb)
     top = flat.topk(k, dim=-1).indices
@@ -128,7 +147,7 @@ def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False) -
 
 
 def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, sparsity: float,
-                  causal: bool = False, route: torch.Tensor | None = None) -> torch.Tensor:
+                  causal: bool = False, route: torch.Tensor | None = None, budget: str = "head") -> torch.Tensor:
     """Static ``(H, nb, nb)`` layout from calibration sums: ``mass: (H, N, k)`` = Σ p, ``count: (N,)``,
     optional ``route: (Hq, N, k)`` = Σ r (then the layout has ``Hq`` heads).
 
@@ -143,13 +162,13 @@ def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, spar
         return torch.where(c > 0, t.double() / c.clamp_min(1e-12), torch.full_like(t, 1.0 / k, dtype=torch.float64))
 
     r = None if route is None else mean(route)
-    return select_blocks(block_scores(mean(mass), block_size, route=r), sparsity, causal)
+    return select_blocks(block_scores(mean(mass), block_size, route=r), sparsity, causal, budget)
 
 
 def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, sparsity: float,
                    alpha: float, metric: str = "sqeuclidean", causal: bool = False,
                    key_mask: torch.Tensor | None = None, queries: torch.Tensor | None = None,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, budget: str = "head") -> torch.Tensor:
     """Per-input ``(B, H, nb, nb)`` layout: ``keys: (B, H, N, Dh)``, ``anchors: (H, k, Dh)``; with
     ``queries: (B, Hq, N, Dh)`` the query blocks are routed by :func:`query_routing` (``Hq`` heads out)."""
     with torch.no_grad():
@@ -160,7 +179,7 @@ def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, s
             pw = p if w is None else p * w.unsqueeze(-1)
             r = query_routing(queries.to(p.dtype), anchors.to(p.dtype), pw.sum(-2),
                               scale if scale is not None else queries.shape[-1] ** -0.5)
-        return select_blocks(block_scores(p, block_size, w, route=r), sparsity, causal)
+        return select_blocks(block_scores(p, block_size, w, route=r), sparsity, causal, budget)
 
 
 def layout_sparsity(layout: torch.Tensor, causal: bool = False) -> float:
