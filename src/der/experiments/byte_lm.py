@@ -47,6 +47,7 @@ class ByteLMConfig:
     max_bytes: int = 8_000_000
     val_windows: int = 64
     seed: int = 0
+    budget: str = "head"  # DER layout budget: "head" or "row" (der.attention.layouts)
 
     def __post_init__(self) -> None:
         if self.context < 2 * self.block_size:
@@ -166,7 +167,7 @@ def run(cfg: ByteLMConfig, run_dir: Path) -> dict:
         model.load_state_dict(state)
         names = [s.name for s in handle.sites]
         if method == "der":
-            convert(model, sparsity=cfg.sparsity, block_size=cfg.block_size, calib_inputs=calib)
+            convert(model, sparsity=cfg.sparsity, block_size=cfg.block_size, calib_inputs=calib, budget=cfg.budget)
         else:
             make = bigbird_layout if method == "bigbird" else longformer_layout
 

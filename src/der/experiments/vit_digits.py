@@ -58,6 +58,7 @@ class ViTDigitsConfig:
     l1_sparsity: float = 0.75  # the support the L1 penalty pushes mass into
     latency_batch: int = 64
     seed: int = 0
+    budget: str = "head"  # DER layout budget: "head" or "row" (der.attention.layouts)
 
     def __post_init__(self) -> None:
         if not self.sparsities or any(not 0 <= s < 1 for s in self.sparsities):
@@ -181,7 +182,7 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
             names = [site.name for site in handle.sites]
             try:
                 if method == "der":
-                    convert(model, sparsity=s, block_size=cfg.block_size, calib_inputs=calib)
+                    convert(model, sparsity=s, block_size=cfg.block_size, calib_inputs=calib, budget=cfg.budget)
                 else:
                     if method in ("bigbird", "longformer"):
                         nb = -(-n_tokens // cfg.block_size)
