@@ -108,6 +108,22 @@ def write_result(name: str, cfg: Any, quick: bool, payload: dict, out: Path | No
 
 # ----------------------------------------------------------------------------- models
 @dataclasses.dataclass
+class DigitsTraining:
+    """Training settings shared by the digits-ViT experiments (vit-digits, mask-iou, robustness)."""
+
+    epochs: int = 12
+    lr: float = 2e-3
+    batch_size: int = 64
+    train_limit: int | None = None
+    test_limit: int | None = None
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    overlap: int = 4  # overlapping patch embedding (12×12 pixel kernel, stride 4): same 257 tokens
+    seed: int = 0
+
+
+@dataclasses.dataclass
 class ViTSpec:
     """A small HF ViT for the 64×64 digits: 16×16 = 256 patches + CLS = 257 tokens."""
 

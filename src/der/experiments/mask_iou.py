@@ -17,25 +17,15 @@ from pathlib import Path
 import torch
 
 from der.data import digits_dataset
-from der.experiments.common import parse_config, train_classifier, write_result
+from der.experiments.common import DigitsTraining, parse_config, train_classifier, write_result
 from der.experiments.vit_digits import ViTDigitsConfig, _fresh, l1_loss
 
 
 @dataclasses.dataclass
-class MaskIoUConfig:
+class MaskIoUConfig(DigitsTraining):
     sparsity: float = 0.75
-    epochs: int = 12
-    lr: float = 2e-3
-    batch_size: int = 64
-    train_limit: int | None = None
-    test_limit: int | None = None
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    overlap: int = 4
     lam: float = 0.01
     l1_lam: float = 0.03
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.sparsity < 1:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from der.data import digits_dataset
 from der.experiments.common import (
+    DigitsTraining,
     VIBHead,
     ViTSpec,
     accuracy,
@@ -47,17 +48,8 @@ METHODS = ("plain", "label_smoothing", "confidence_penalty", "vib", "fgsm", "der
 
 
 @dataclasses.dataclass
-class RobustnessConfig:
+class RobustnessConfig(DigitsTraining):
     methods: tuple[str, ...] = METHODS
-    epochs: int = 12
-    lr: float = 2e-3
-    batch_size: int = 64
-    train_limit: int | None = None
-    test_limit: int | None = None
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    overlap: int = 4  # overlapping patch embedding, as in ``der exp vit-digits``
     label_smoothing: float = 0.1
     confidence_beta: float = 0.1
     vib_beta: float = 1e-3
@@ -65,7 +57,6 @@ class RobustnessConfig:
     fgsm_eps: float = 0.1  # in [0, 1] pixel units
     der_lam: float = 0.01
     corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]

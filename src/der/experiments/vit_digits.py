@@ -27,6 +27,7 @@ import torch
 
 from der.data import digits_dataset
 from der.experiments.common import (
+    DigitsTraining,
     ViTSpec,
     accuracy,
     attention_block_scores,
@@ -39,25 +40,15 @@ from der.experiments.common import (
 
 
 @dataclasses.dataclass
-class ViTDigitsConfig:
+class ViTDigitsConfig(DigitsTraining):
     sparsities: tuple[float, ...] = (0.5, 0.75, 0.8)
     block_size: int = 16
-    epochs: int = 12
     finetune_epochs: int = 2
-    lr: float = 2e-3
-    batch_size: int = 64
-    train_limit: int | None = None
-    test_limit: int | None = None
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    overlap: int = 4  # overlapping patch embedding (12×12 pixel kernel, stride 4): same 257 tokens
     lam: float = 0.01
     alpha: float = 5.0
     l1_lam: float = 0.03  # App. A grid {0.01, 0.03, 0.1, 0.3}; 0 disables the L1 model
     l1_sparsity: float = 0.75  # the support the L1 penalty pushes mass into
     latency_batch: int = 64
-    seed: int = 0
     budget: str = "head"  # DER layout budget: "head" or "row" (der.attention.layouts)
 
     def __post_init__(self) -> None:
