@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from der.data import ByteWindows, stdlib_corpus
-from der.experiments.common import median_ms, parse_config, write_result
+from der.experiments.common import median_ms, run_experiment
 from der.training import fit, seed_everything
 
 
@@ -195,11 +194,7 @@ def run(cfg: ByteLMConfig, run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, ns = parse_config(ByteLMConfig, argv, "der exp byte-lm", __doc__.split("\n\n")[0])
-    t0 = time.perf_counter()
-    res = run(cfg, ns.run_dir or Path("runs") / f"byte_lm{'_quick' if ns.quick else ''}")
-    res["wall_seconds"] = time.perf_counter() - t0
-    path = write_result("byte_lm", cfg, ns.quick, res, ns.out)
+    res, path = run_experiment("byte_lm", ByteLMConfig, run, argv, __doc__)
     print(f"{'method':<18} {'ppl':>8} {'bpb':>6} {'sparsity':>8} {'kernel x':>8} {'ms':>8}")
     for k, v in res["methods"].items():
         kx = v.get("kernel", {}).get("speedup", float("nan"))

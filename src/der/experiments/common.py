@@ -106,6 +106,18 @@ def write_result(name: str, cfg: Any, quick: bool, payload: dict, out: Path | No
     return write_json(path, {"meta": meta, **payload})
 
 
+def run_experiment(name: str, cls: type, run: Callable[[Any, Path], dict], argv: list[str] | None, doc: str,
+                   run_name: str | None = None) -> tuple[dict, Path]:
+    """The ``main`` shared by the experiments: parse ``cls`` from ``argv``, run it in
+    ``runs/<run_name or name>[_quick]`` (or ``--run-dir``), time it and write its result JSON."""
+    cfg, ns = parse_config(cls, argv, f"der exp {name.replace('_', '-')}", doc.split("\n\n")[0])
+    run_dir = ns.run_dir or Path("runs") / f"{run_name or name}{'_quick' if ns.quick else ''}"
+    t0 = time.perf_counter()
+    res = run(cfg, run_dir)
+    res["wall_seconds"] = time.perf_counter() - t0
+    return res, write_result(name, cfg, ns.quick, res, ns.out)
+
+
 # ----------------------------------------------------------------------------- models
 @dataclasses.dataclass
 class DigitsTraining:

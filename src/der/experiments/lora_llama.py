@@ -17,14 +17,13 @@ raises a clear error (bitsandbytes' 4-bit kernels need CUDA). The CPU run is the
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
 
 from der.data import ByteWindows, stdlib_corpus
 from der.experiments.byte_lm import ByteLMConfig, _model, _train, evaluate
-from der.experiments.common import median_ms, parse_config, write_result
+from der.experiments.common import median_ms, run_experiment
 
 
 @dataclasses.dataclass
@@ -117,11 +116,7 @@ def run(cfg: LoraLlamaConfig, run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, ns = parse_config(LoraLlamaConfig, argv, "der exp lora-llama", __doc__.split("\n\n")[0])
-    t0 = time.perf_counter()
-    res = run(cfg, ns.run_dir or Path("runs") / f"lora_llama{'_quick' if ns.quick else ''}")
-    res["wall_seconds"] = time.perf_counter() - t0
-    path = write_result("lora_llama", cfg, ns.quick, res, ns.out)
+    res, path = run_experiment("lora_llama", LoraLlamaConfig, run, argv, __doc__)
     for k, v in res["methods"].items():
         print(f"{k:<24} ppl {v['val_ppl']:8.3f}  latency {v.get('latency_ms', float('nan')):8.1f} ms")
     print(f"wrote {path}")

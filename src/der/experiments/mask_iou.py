@@ -11,13 +11,12 @@ IoU per method and layer, and the IoU of a random mask of the same size (chance 
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
 
 from der.data import digits_dataset
-from der.experiments.common import DigitsTraining, parse_config, train_classifier, write_result
+from der.experiments.common import DigitsTraining, run_experiment, train_classifier
 from der.experiments.vit_digits import ViTDigitsConfig, _fresh, l1_loss
 
 
@@ -105,10 +104,7 @@ def run(cfg: MaskIoUConfig, run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, ns = parse_config(MaskIoUConfig, argv, "der exp mask-iou", __doc__.split("\n\n")[0])
-    t0 = time.perf_counter()
-    res = run(cfg, ns.run_dir or Path("runs") / f"vit_digits{'_quick' if ns.quick else ''}")
-    res["wall_seconds"] = time.perf_counter() - t0  # after a vit-digits run: evaluation only
-    path = write_result("mask_iou", cfg, ns.quick, res, ns.out)
+    # reads the vit-digits models: after a vit-digits run this is evaluation only
+    res, path = run_experiment("mask_iou", MaskIoUConfig, run, argv, __doc__, run_name="vit_digits")
     print(f"chance IoU {res['chance_iou']:.3f}; wrote {path}")
     return 0

@@ -37,10 +37,9 @@ from der.experiments.common import (
     ViTSpec,
     accuracy,
     logits_of,
-    parse_config,
+    run_experiment,
     tiny_vit,
     train_classifier,
-    write_result,
 )
 from der.experiments.corruptions import CORRUPTIONS, corrupt, mce, plasma_fractal
 
@@ -209,12 +208,7 @@ def run(cfg: RobustnessConfig, run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, ns = parse_config(RobustnessConfig, argv, "der exp robustness", __doc__.split("\n\n")[0])
-    run_dir = ns.run_dir or Path("runs") / f"robustness{'_quick' if ns.quick else ''}"
-    t0 = time.perf_counter()
-    res = run(cfg, run_dir)
-    res["wall_seconds"] = time.perf_counter() - t0
-    path = write_result("robustness", cfg, ns.quick, res, ns.out)
+    res, path = run_experiment("robustness", RobustnessConfig, run, argv, __doc__)
     print(f"{'method':<20} {'clean':>6} {'mCE':>6} {'meanCE':>6} {'OOD':>6} {'cost':>5}")
     for k, v in res["methods"].items():
         mc = f"{v['mCE']:.1f}" if v["mCE"] is not None else "n/a"

@@ -20,7 +20,6 @@ Wall-clock numbers on this shared 2-core machine are noisy; the JSON records the
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
@@ -32,10 +31,9 @@ from der.experiments.common import (
     accuracy,
     attention_block_scores,
     median_ms,
-    parse_config,
+    run_experiment,
     tiny_vit,
     train_classifier,
-    write_result,
 )
 
 
@@ -201,12 +199,7 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, ns = parse_config(ViTDigitsConfig, argv, "der exp vit-digits", __doc__.split("\n\n")[0])
-    run_dir = ns.run_dir or Path("runs") / f"vit_digits{'_quick' if ns.quick else ''}"
-    t0 = time.perf_counter()
-    res = run(cfg, run_dir)
-    res["wall_seconds"] = time.perf_counter() - t0
-    path = write_result("vit_digits", cfg, ns.quick, res, ns.out)
+    res, path = run_experiment("vit_digits", ViTDigitsConfig, run, argv, __doc__)
     _print(res)
     print(f"wrote {path}")
     return 0
