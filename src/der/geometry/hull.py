@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from der.geometry import _kernels as K
+from der.geometry._slab import slab_filter, slab_tables
 from der.geometry.data import check_points
 
 __all__ = ["METHODS", "convex_hull", "hull_qhull", "warmup"]
@@ -47,6 +48,8 @@ _SAMPLE = 4096  # size of the strided sample whose exact hull is the first inner
 _CIRCLE_FRAC = 0.5  # sample hull has more vertices than this fraction: do not filter
 _DONE = 20_000  # survivors few enough for the final sort + chain
 _MAX_ROUNDS = 3
+_SLABS = 8192  # slabs of the first, fused pass
+_SAFE_LO, _SAFE_HI = 2.0**-400, 2.0**400  # magnitudes at which the float filters are rigorous
 
 
 def _prepare(points) -> tuple[np.ndarray, float]:
@@ -55,14 +58,18 @@ def _prepare(points) -> tuple[np.ndarray, float]:
     The NaN/Inf check and max |P| are one fused numba pass."""
     P = check_points(points, 2, check_finite=False)
     big = K.absmax(P) if len(P) else 0.0
-    if not np.isfinite(big):
-        bad = int(np.count_nonzero(~np.isfinite(P).all(axis=1)))
-        raise ValueError(f"points must be finite, got {bad} row(s) with NaN or Inf")
-    if big > 2.0**400 or (0.0 < big < 2.0**-400):
+    _check_finite(P, big)
+    if not _SAFE_LO <= big <= _SAFE_HI and big > 0.0:
         e = -int(np.frexp(big)[1])
         P = np.ldexp(P, e)  # exact: only the exponent changes
         big = float(np.ldexp(big, e))
     return P, big
+
+
+def _check_finite(P: np.ndarray, big: float) -> None:
+    if not np.isfinite(big):
+        bad = int(np.count_nonzero(~np.isfinite(P).all(axis=1)))
+        raise ValueError(f"points must be finite, got {bad} row(s) with NaN or Inf")
 
 
 def _chain(P: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
@@ -103,18 +110,51 @@ def _inner_polygon_filter(P: np.ndarray, q: np.ndarray, idx: np.ndarray | None, 
               tab_lo, tab_up, xb[tab_lo + 1], xb[tab_up + 1])
 
 
-def _auto(P: np.ndarray, par: bool = False, scale: float | None = None) -> np.ndarray:
-    """Sample hull -> provable interior filter (refined while it pays) -> exact monotone chain.
-    ``scale`` must bound max |P| (computed if not given)."""
+def _first_pass(P: np.ndarray, cand: np.ndarray):
+    """Sample hull -> slab tables -> one fused pass over all of ``P`` (:mod:`der.geometry._slab`).
+
+    Returns ``(q, idx, big)``: the sample hull, the survivors and max |P| (NaN/inf if some entry is),
+    or ``None`` when the sample is degenerate, circle-like or outside the safe magnitude range."""
+    s = K.absmax(P[cand])
+    if not _SAFE_LO <= s <= _SAFE_HI:
+        return None
+    q = _chain(P, cand)
+    if len(q) < 3 or len(q) > _CIRCLE_FRAC * len(cand):
+        return None
+    xq, yq = np.ascontiguousarray(P[q, 0]), np.ascontiguousarray(P[q, 1])
+    nlow = int(np.lexsort((yq, xq))[-1])
+    tab = slab_tables(xq, yq, nlow, int(np.clip(len(P) // 8, 4, _SLABS)))
+    if tab is None:
+        return None
+    idx, big = slab_filter(P, *tab)
+    return q, idx, big
+
+
+def _auto(P: np.ndarray, par: bool = False) -> np.ndarray:
+    """Sample hull -> slab pass (validates P) -> provable interior filter refined while it pays ->
+    exact monotone chain. ``P``: (n, 2) C-contiguous float64, not yet checked for NaN/Inf."""
     n = len(P)
+    cand = np.arange(0, n, max(1, n // _SAMPLE), dtype=np.int64)
+    first = _first_pass(P, cand) if n > _SMALL else None
+    if first is not None:
+        q, idx, scale = first
+        _check_finite(P, scale)
+        if _SAFE_LO <= scale <= _SAFE_HI:
+            if len(idx) <= _DONE:
+                return _chain(P, idx)
+            cand = np.union1d(q, idx[:: max(1, len(idx) // _SAMPLE)])
+            return _refine(P, cand, idx, scale, par, _MAX_ROUNDS - 1)
+    P, scale = _prepare(P)
     if n <= _SMALL:
         return _chain(P)
-    if scale is None:
-        scale = K.absmax(P)
-    step = max(1, n // _SAMPLE)
-    cand = np.arange(0, n, step, dtype=np.int64)
-    idx = None
-    for _ in range(_MAX_ROUNDS):
+    return _refine(P, cand, None, scale, par, _MAX_ROUNDS)
+
+
+def _refine(P: np.ndarray, cand: np.ndarray, idx: np.ndarray | None, scale: float, par: bool,
+            rounds: int) -> np.ndarray:
+    """Up to ``rounds`` exact inner-polygon filters (hull of ``cand`` first) on the rows ``idx``
+    (default all), then the chain. ``scale`` bounds max |P|."""
+    for _ in range(rounds):
         q = _chain(P, cand)
         if len(q) < 3 or len(q) > _CIRCLE_FRAC * len(cand):
             break  # degenerate, or circle-like: (almost) nothing can be discarded
@@ -155,9 +195,12 @@ def convex_hull(points, method: str = "auto") -> np.ndarray:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    P, scale = _prepare(points)
+    P = check_points(points, 2, check_finite=False)
     if len(P) == 0:
         return np.zeros(0, dtype=np.int64)
+    if method == "auto":
+        return _auto(P)
+    P, _ = _prepare(P)
     if method == "monotone":
         return _chain(P)
     if method == "qhull":
@@ -166,7 +209,6 @@ def convex_hull(points, method: str = "auto") -> np.ndarray:
     if method == "chan":
         keep = K.dedup_hash(P)
         return keep[K.chan_hull(np.ascontiguousarray(P[keep]))]
-    return _auto(P, scale=scale)
 
 
 def warmup() -> None:
