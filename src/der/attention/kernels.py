@@ -48,18 +48,17 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from der.attention import _cpu_kernel
+
 __all__ = ["block_sparse_attention", "BACKENDS", "expand_layout"]
 
 BACKENDS = ("auto", "cpu", "flex", "dense")
 _CACHE_SIZE = 64
-# Gathered key+value block bytes per chunk of the CPU path (kept well inside L2/L3 on typical CPUs).
-_CHUNK_BYTES = 1 << 20
 
 
 class _LRU(OrderedDict):
@@ -156,145 +155,11 @@ def _dense(q, k, v, layout, block_size, causal, scale, key_padding_mask=None):
 
 
 # ----------------------------------------------------------------------------------------------- ours
-@dataclass
-class _Plan:
-    """Layout-derived gather plan of the CPU path (cached per layout, N, block size, causal)."""
-
-    order: torch.Tensor  # (L, K) kept key-block ids per layout row (L = Bl*H*nb), padded to K slots
-    kvalid: torch.Tensor | None  # (L, K*bs) True = real, kept key (None: every gathered key is real)
-    kpos: torch.Tensor | None  # (L, K*bs) absolute key positions (causal only)
-    keep: torch.Tensor | None  # (L,) False = empty row → zero output (None: no empty rows)
-    nb: int
-    causal: bool
-    _memo: dict = field(default_factory=dict)
-
-    def batch_indices(self, B: int, H: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``idx: (R, K)`` rows of the flattened key blocks per query-block row (R = B*H*nb) and the
-        ``(R, 1, 1)`` keep factor (None: no empty rows); memoised per (B, H, dtype)."""
-        key = (B, H, dtype)
-        if key not in self._memo:
-            L, R = self.order.shape[0], B * H * self.nb
-            rows = torch.arange(R, device=self.order.device)
-            idx = self.order.index_select(0, rows % L) + (rows // self.nb * self.nb)[:, None]
-            keep = None if self.keep is None else self.keep.index_select(0, rows % L).to(dtype).view(R, 1, 1)
-            self._memo[key] = (idx, keep)
-        return self._memo[key]
-
-    def allowed(self, rows: torch.Tensor, bs: int) -> torch.Tensor | None:
-        """Bool mask ``(c, bs or 1, K*bs)`` for flattened query-block rows ``rows`` (None: all allowed)."""
-        if self.kvalid is None:
-            return None
-        lrows = rows % self.order.shape[0]
-        allowed = self.kvalid.index_select(0, lrows)[:, None, :]
-        if self.causal:
-            qpos = (rows % self.nb)[:, None] * bs + torch.arange(bs, device=rows.device)
-            allowed = allowed & (self.kpos.index_select(0, lrows)[:, None, :] <= qpos[:, :, None])
-        return allowed
-
-
-def _make_plan(layout: torch.Tensor, block_size: int, n: int, causal: bool) -> _Plan:
-    lay = _causal_layout(layout, causal)
-    Bl, H, nb, _ = lay.shape
-    lay = lay.reshape(Bl * H * nb, nb)
-    counts = lay.sum(-1)  # (L,)
-    K = max(int(counts.max()), 1)
-    order = torch.argsort((~lay).to(torch.int8), dim=-1, stable=True)[:, :K]  # kept blocks first, ascending
-    empty = counts == 0
-    order = order.masked_fill(empty[:, None], 0)
-    slot = torch.arange(K, device=lay.device)
-    kpos = (order[..., None] * block_size + torch.arange(block_size, device=lay.device)).flatten(1)
-    kvalid = ((slot < counts[:, None]).repeat_interleave(block_size, -1)) & (kpos < n)
-    # Empty rows compute against block 0 (always fully real: N >= block_size) and are zeroed afterwards,
-    # so no row is all -inf (no NaN in forward or backward).
-    kvalid |= empty[:, None] & (slot == 0).repeat_interleave(block_size)
-    needs_mask = causal or not bool(kvalid.all())
-    return _Plan(order=order, kvalid=kvalid if needs_mask else None, kpos=kpos if causal else None,
-                 keep=~empty if bool(empty.any()) else None, nb=nb, causal=causal)
-
-
-class _GatherAttention(torch.autograd.Function):
-    """Chunked gather + batched-matmul attention over kept key blocks; recompute in backward."""
-
-    @staticmethod
-    def forward(ctx, qb, kf, vf, idx, keep, kmask, plan, scale, chunk):
-        # qb, kf, vf: (R, bs, Dh) query/key/value blocks, R = B*H*nb; idx: (R, K) rows of kf to gather;
-        # keep: (R, 1, 1) 0/1 or None (0 = empty row → zero output).
-        R = qb.shape[0]
-        qs = qb * scale
-        out = torch.empty_like(qb)
-        for c0 in range(0, R, chunk):
-            sl = slice(c0, min(c0 + chunk, R))
-            p, _, vg = _probs(qs, kf, vf, idx, kmask, plan, sl)
-            torch.bmm(p, vg, out=out[sl])
-        if keep is not None:
-            out.mul_(keep)
-        ctx.save_for_backward(qb, kf, vf, idx, keep, kmask)
-        ctx.plan, ctx.scale, ctx.chunk = plan, scale, chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        qb, kf, vf, idx, keep, kmask = ctx.saved_tensors
-        plan, scale, chunk = ctx.plan, ctx.scale, ctx.chunk
-        R, bs, Dh = qb.shape
-        dout = dout.contiguous() if keep is None else dout * keep
-        qs = qb * scale
-        dq = torch.empty_like(qb)
-        dk = torch.zeros_like(kf)
-        dv = torch.zeros_like(vf)
-        for c0 in range(0, R, chunk):
-            sl = slice(c0, min(c0 + chunk, R))
-            p, kg, vg = _probs(qs, kf, vf, idx, kmask, plan, sl)
-            do, rows = dout[sl], idx[sl].reshape(-1)
-            dv.index_add_(0, rows, torch.bmm(p.transpose(1, 2), do).view(-1, bs, Dh))
-            # dS = P ∘ (dP − rowsum(dP ∘ P)), one fused kernel (rowsum(dP ∘ P) = rowsum(dO ∘ O) = δ)
-            ds = torch._softmax_backward_data(torch.bmm(do, vg.transpose(1, 2)), p, -1, p.dtype)
-            torch.bmm(ds, kg, out=dq[sl])
-            dk.index_add_(0, rows, torch.bmm(ds.transpose(1, 2), qs[sl]).view(-1, bs, Dh))
-        return dq.mul_(scale), dk, dv, None, None, None, None, None, None
-
-
-def _probs(qs, kf, vf, idx, kmask, plan, sl):
-    """Softmax probabilities ``(c, bs, K*bs)`` of one chunk of (pre-scaled) query blocks, gathered K, V."""
-    q = qs[sl]
-    c, bs, Dh = q.shape
-    rows = idx[sl].reshape(-1)
-    kg = kf.index_select(0, rows).view(c, -1, Dh)
-    vg = vf.index_select(0, rows).view(c, -1, Dh)
-    s = torch.bmm(q, kg.transpose(1, 2))
-    allowed = plan.allowed(torch.arange(sl.start, sl.stop, device=q.device), bs)
-    if kmask is not None:  # key padding: rows may lose every key → "dead" rows get p = 0 (zero output/grad)
-        allowed = kmask[sl][:, None, :] if allowed is None else allowed & kmask[sl][:, None, :]
-        dead = ~allowed.any(-1, keepdim=True)
-        s.masked_fill_(~allowed, float("-inf")).masked_fill_(dead, 0.0)
-        return torch.softmax(s, -1).masked_fill_(dead, 0.0), kg, vg
-    if allowed is not None:
-        s.masked_fill_(~allowed, float("-inf"))
-    return torch.softmax(s, -1), kg, vg
-
-
 def _gather_path(q, k, v, layout, block_size, causal, scale, key_padding_mask=None):
-    B, H, N, Dh = q.shape
-    nb = math.ceil(N / block_size)
-    npad, R = nb * block_size, B * H * nb
-    key = (_layout_key(layout), block_size, N, causal)
-    plan = _INDEX_CACHE.get_or(key, lambda: _make_plan(layout, block_size, N, causal))
-    K = plan.order.shape[1]
-    idx, keep = plan.batch_indices(B, H, q.dtype)
-
-    def blocks(t):
-        if npad != N:
-            t = F.pad(t, (0, 0, 0, npad - N))
-        return t.reshape(R, block_size, Dh)
-
-    kmask = None
-    if key_padding_mask is not None:  # (R, K*bs): is the gathered key a real (non-padding) token
-        kpm = F.pad(key_padding_mask, (0, npad - N), value=False).reshape(B * nb, block_size)
-        brow = (idx.div(nb, rounding_mode="floor") // H) * nb + idx % nb  # key block rows of (B*nb, bs)
-        kmask = kpm.index_select(0, brow.reshape(-1)).view(R, K * block_size)
-    chunk = max(1, _CHUNK_BYTES // (2 * K * block_size * Dh * q.element_size()))
-    out = _GatherAttention.apply(blocks(q), blocks(k), blocks(v), idx, keep, kmask, plan, scale, chunk)
-    return out.view(B, H, npad, Dh)[:, :, :N]
+    """The ``"cpu"`` backend (:mod:`der.attention._cpu_kernel`) with its plan cached per layout."""
+    key = (_layout_key(layout), block_size, q.shape[2], causal)
+    plan = _INDEX_CACHE.get_or(key, lambda: _cpu_kernel.make_plan(layout, block_size, q.shape[2], causal))
+    return _cpu_kernel.attention(q, k, v, plan, block_size, scale, key_padding_mask)
 
 
 # ----------------------------------------------------------------------------------------------- flex

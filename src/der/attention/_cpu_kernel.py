@@ -1,0 +1,257 @@
+r"""The ``"cpu"`` backend of :func:`der.attention.block_sparse_attention`: bucketed gather + online-free
+exact softmax over the kept key blocks, with a FlashAttention-2 style recompute backward.
+
+Plan (cached per layout, N, block size, causal)
+-----------------------------------------------
+Layout rows (one per (batch-of-layout, head, query block)) are grouped into **buckets** of rows that keep
+the same number ``K`` of key blocks and need the same *tail mask*, so no row is padded to a longer one
+(uneven DER layouts, ``budget="head"``, cost only what they keep). Kept blocks are listed in ascending
+order, so the only element-level masking ever needed sits in the **last** kept slot:
+
+* ``causal``: a row that keeps its diagonal block has it last (blocks above the diagonal are dropped); the
+  strict upper triangle of that slot gets ``-inf``;
+* ``N % block_size != 0`` (non-causal): a row that keeps the last, partly padded key block has it last;
+  the padded keys of that slot get ``-inf``. (Under ``causal`` only padded queries could see padded keys;
+  they are dropped and get zero gradient, so no extra mask is needed.)
+
+Rows that keep nothing are in no bucket: their output and gradients are zeros.
+
+Forward (per bucket, per chunk of ``c`` rows sized to stay in cache; all temporaries are reused buffers)
+----------------------------------------------------------------------------------------------------------
+``kg, vg = K, V blocks gathered with index_select(out=)``;
+``S = baddbmm(bias, q, kgᵀ, alpha=scale)`` (scale and the key-padding bias fused into the matmul);
+``m = max S``, ``E = exp(S − m)`` in place, ``ℓ = Σ E``; ``O = (E vg) / ℓ`` (the division on the small
+``(bs, Dh)`` output, not on ``E``); the log-sum-exp ``L = m + log ℓ`` is saved, so the backward recomputes
+``P = exp(scale·q kgᵀ + bias − L)`` without a max or sum pass. A query with no allowed key (key padding)
+gets ``m = 0, ℓ = tiny``: output 0, ``P = 0`` in backward (zero gradient, never NaN).
+
+Backward: ``δ = rowsum(dO ∘ O)``; ``dV_g = Pᵀ dO``, ``dS = P ∘ (dO vgᵀ − δ)``,
+``dQ = scale · dS kg``, ``dK_g = scale · dSᵀ q``; ``dK_g, dV_g`` are scattered back with ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Bytes of gathered key+value blocks per chunk (the score/probability buffer is about as large at Dh = bs).
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class _Bucket:
+    """Layout rows with ``K`` kept key blocks and one tail kind (0: none, 1: causal diagonal, 2: padding)."""
+
+    rows: torch.Tensor  # (n,) layout row ids (Bl*H*nb level)
+    idx: torch.Tensor  # (n, K) kept key-block ids of the layout rows, ascending (within the row's head)
+    K: int
+    tail: int
+
+
+@dataclass
+class Plan:
+    """Layout-derived buckets of the CPU path (cached per layout, N, block size, causal)."""
+
+    buckets: list[_Bucket]
+    L: int  # layout rows Bl*H*nb
+    nb: int
+    H: int
+    has_empty: bool
+    tails: dict[int, torch.Tensor]  # tail kind → bool (bs or 1, bs) allowed mask of the last kept slot
+    _memo: dict = field(default_factory=dict)
+
+    def expand(self, B: int, dtype: torch.dtype) -> list[tuple]:
+        """Per bucket at batch ``B``: ``(rows, idx, K, tail_bias)`` with ``rows`` a slice when the rows are
+        one contiguous range, else an index tensor; ``idx: (n, K)`` rows of the flattened ``(B*H*nb)``
+        key blocks; ``tail_bias`` a float ``0/-inf`` tensor or None. Memoised per (B, dtype)."""
+        key = (B, dtype)
+        if key not in self._memo:
+            out = []
+            reps = B * self.H * self.nb // self.L  # 1 for per-batch layouts, B for a shared one
+            for bk in self.buckets:
+                off = torch.arange(reps, device=bk.rows.device) * self.L
+                rows = (bk.rows[None, :] + off[:, None]).reshape(-1)
+                idx = (bk.idx[None] + off[:, None, None]).reshape(-1, bk.K)
+                n = rows.numel()
+                if bool((rows == torch.arange(n, device=rows.device) + rows[0]).all()):
+                    rows = slice(int(rows[0]), int(rows[0]) + n)
+                tail = None
+                if bk.tail:
+                    tail = torch.zeros(self.tails[bk.tail].shape, dtype=dtype, device=bk.idx.device)
+                    tail.masked_fill_(~self.tails[bk.tail], float("-inf"))
+                out.append((rows, idx, bk.K, tail))
+            self._memo[key] = out
+        return self._memo[key]
+
+
+def make_plan(layout: torch.Tensor, block_size: int, n: int, causal: bool) -> Plan:
+    """Buckets of a ``(Bl, H, nb, nb)`` layout (see module docstring)."""
+    Bl, H, nb, _ = layout.shape
+    bs, dev = block_size, layout.device
+    lay = layout
+    if causal:
+        lay = lay & torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
+    lay = lay.reshape(-1, nb)
+    L = lay.shape[0]
+    counts = lay.sum(-1)
+    order = torch.argsort((~lay).to(torch.int8), dim=-1, stable=True)  # kept blocks first, ascending
+    last = order.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0]
+    qblock = torch.arange(L, device=dev) % nb
+    tail = torch.zeros(L, dtype=torch.long, device=dev)
+    tails = {}
+    if causal:
+        tail[last == qblock] = 1
+        tails[1] = torch.ones(bs, bs, dtype=torch.bool, device=dev).tril()
+    elif n % bs:
+        tail[last == nb - 1] = 2
+        tails[2] = (torch.arange(bs, device=dev) < n - (nb - 1) * bs)[None, :]
+    base = torch.arange(L, device=dev) // nb * nb  # first key block of the row's (batch, head)
+    buckets = []
+    for K, t in sorted({(int(c), int(tk)) for c, tk in zip(counts.tolist(), tail.tolist(), strict=True)}):
+        if K == 0:
+            continue
+        rows = torch.nonzero((counts == K) & (tail == t))[:, 0]
+        buckets.append(_Bucket(rows=rows, idx=order[rows, :K] + base[rows, None], K=K, tail=t))
+    return Plan(buckets=buckets, L=L, nb=nb, H=H, has_empty=bool((counts == 0).any()), tails=tails)
+
+
+class _Buffers:
+    """Reusable scratch tensors (fresh large temporaries cost page faults on every call)."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        b = self.bufs.get(name)
+        if b is None or b.numel() < numel:
+            b = self.bufs[name] = self.like.new_empty(numel)
+        return b[:numel].view(shape)
+
+
+def _chunks(n: int, K: int, bs: int, Dh: int, elsize: int):
+    c = max(1, CHUNK_BYTES // (2 * K * bs * Dh * elsize))
+    for c0 in range(0, n, c):
+        yield c0, min(c0 + c, n)
+
+
+def _sel(rows, c0: int, c1: int):
+    """Rows ``c0:c1`` of a bucket: a slice of the flattened blocks or an index tensor."""
+    if isinstance(rows, slice):
+        return slice(rows.start + c0, rows.start + c1)
+    return rows[c0:c1]
+
+
+def _take(t: torch.Tensor, r, buf: _Buffers, name: str) -> torch.Tensor:
+    if isinstance(r, slice):
+        return t[r]
+    return torch.index_select(t, 0, r, out=buf.get(name, r.numel(), *t.shape[1:]))
+
+
+def _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs):
+    """Softmax probabilities ``(c, bs, K*bs)`` of one chunk (in a reused buffer) and the gathered key blocks.
+
+    ``torch.softmax`` (fused, with its fast vectorised exp) beats separate max / exp / sum passes on CPU, so
+    the backward recomputes it too instead of ``exp(S - logsumexp)``."""
+    Dh = qc.shape[-1]
+    kg = torch.index_select(kf, 0, ids, out=buf.get("k", c * K, bs, Dh)).view(c, K * bs, Dh)
+    s = buf.get("s", c, bs, K * bs)
+    bias = bias_fn(ids, c) if bias_fn is not None else None
+    if bias is None:
+        torch.baddbmm(s, qc, kg.transpose(1, 2), beta=0.0, alpha=scale, out=s)
+    else:
+        torch.baddbmm(bias, qc, kg.transpose(1, 2), alpha=scale, out=s)
+    if tail is not None:
+        s[:, :, (K - 1) * bs:].add_(tail)
+    if bias is None:
+        return torch._softmax(s, -1, False, out=s), kg
+    # key padding: a query may lose every key ("dead": all -inf) → p = 0, zero output and gradient
+    dead = torch.amax(s, -1, keepdim=True, out=buf.get("m", c, bs, 1)) == float("-inf")
+    return torch._softmax(s, -1, False, out=s).masked_fill_(dead, 0.0), kg
+
+
+class BlockSparseCPU(torch.autograd.Function):
+    """Bucketed block-sparse attention over ``(R, bs, Dh)`` blocks (R = B*H*nb); see module docstring."""
+
+    @staticmethod
+    def forward(ctx, qb, kf, vf, plan_b, kbias, scale, has_empty):
+        R, bs, Dh = qb.shape
+        buf = _Buffers(qb)
+        out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
+        bias_fn = _bias_fn(kbias, buf)
+        for rows, idx, K, tail in plan_b:
+            for c0, c1 in _chunks(idx.shape[0], K, bs, Dh, qb.element_size()):
+                r, c, ids = _sel(rows, c0, c1), c1 - c0, idx[c0:c1].reshape(-1)
+                p, _ = _probs(_take(qb, r, buf, "q"), kf, ids, bias_fn, tail, scale, buf, c, K, bs)
+                vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
+                if isinstance(r, slice):
+                    torch.bmm(p, vg, out=out[r])
+                else:
+                    out.index_copy_(0, r, torch.bmm(p, vg, out=buf.get("o", c, bs, Dh)))
+        ctx.save_for_backward(qb, kf, vf, out, kbias)
+        ctx.plan_b, ctx.scale = plan_b, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qb, kf, vf, out, kbias = ctx.saved_tensors
+        plan_b, scale = ctx.plan_b, ctx.scale
+        R, bs, Dh = qb.shape
+        dout = dout.contiguous()
+        buf = _Buffers(qb)
+        delta = (dout * out).sum(-1, keepdim=True)  # δ = rowsum(dO ∘ O) = rowsum(dP ∘ P)
+        dq = torch.zeros_like(qb)
+        dk = torch.zeros_like(kf)
+        dv = torch.zeros_like(vf)
+        bias_fn = _bias_fn(kbias, buf)
+        for rows, idx, K, tail in plan_b:
+            for c0, c1 in _chunks(idx.shape[0], K, bs, Dh, qb.element_size()):
+                r, c, ids = _sel(rows, c0, c1), c1 - c0, idx[c0:c1].reshape(-1)
+                qc = _take(qb, r, buf, "q")
+                p, kg = _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs)
+                do = _take(dout, r, buf, "do")
+                g = buf.get("g", c, K * bs, Dh)
+                dv.index_add_(0, ids, torch.bmm(p.transpose(1, 2), do, out=g).view(-1, bs, Dh))
+                vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
+                dp = torch.bmm(do, vg.transpose(1, 2), out=buf.get("dp", c, bs, K * bs))
+                ds = dp.sub_(_take(delta, r, buf, "delta")).mul_(p)
+                if isinstance(r, slice):
+                    torch.bmm(ds, kg, out=dq[r])
+                else:
+                    dq.index_copy_(0, r, torch.bmm(ds, kg, out=buf.get("o", c, bs, Dh)))
+                dk.index_add_(0, ids, torch.bmm(ds.transpose(1, 2), qc, out=g).view(-1, bs, Dh))
+        return dq.mul_(scale), dk.mul_(scale), dv, None, None, None, None
+
+
+def _bias_fn(kbias: torch.Tensor | None, buf: _Buffers):
+    """Key-padding bias ``(c, 1, K*bs)`` of a chunk from the ``(B*H*nb, bs)`` per-block bias (None: no mask)."""
+    if kbias is None:
+        return None
+    bs = kbias.shape[-1]
+    return lambda ids, c: torch.index_select(kbias, 0, ids, out=buf.get("kb", ids.numel(), bs)).view(c, 1, -1)
+
+
+def attention(q, k, v, plan: Plan, block_size: int, scale: float, key_padding_mask=None) -> torch.Tensor:
+    """``(B, H, N, Dh)`` block-sparse attention with a cached :class:`Plan`."""
+    B, H, N, Dh = q.shape
+    nb = plan.nb
+    npad, R = nb * block_size, B * H * nb
+
+    def blocks(t):
+        if npad != N:
+            t = F.pad(t, (0, 0, 0, npad - N))
+        return t.reshape(R, block_size, Dh)
+
+    kbias = None
+    if key_padding_mask is not None:  # (B*H*nb, bs) additive 0/-inf bias per key block
+        kpm = F.pad(key_padding_mask, (0, npad - N), value=False).view(B, 1, nb, block_size)
+        kbias = torch.zeros(B, H, nb, block_size, dtype=q.dtype, device=q.device)
+        kbias.masked_fill_(~kpm, float("-inf"))
+        kbias = kbias.view(R, block_size)
+    plan_b = plan.expand(B, q.dtype)
+    out = BlockSparseCPU.apply(blocks(q), blocks(k), blocks(v), plan_b, kbias, scale, plan.has_empty)
+    return out.view(B, H, npad, Dh)[:, :, :N]
