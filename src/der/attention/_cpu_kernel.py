@@ -32,6 +32,7 @@ Backward: ``δ = rowsum(dO ∘ O)``; ``dV_g = Pᵀ dO``, ``dS = P ∘ (dO vgᵀ 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -119,18 +120,31 @@ def make_plan(layout: torch.Tensor, block_size: int, n: int, causal: bool) -> Pl
 
 
 class _Buffers:
-    """Reusable scratch tensors (fresh large temporaries cost page faults on every call)."""
+    """Scratch tensors reused across chunks and calls (fresh large temporaries cost page faults on every
+    call). One set per thread, dtype and device (:func:`_scratch`); at most a few chunk sizes in bytes."""
 
-    def __init__(self, like: torch.Tensor):
-        self.like = like
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
         self.bufs: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, *shape: int) -> torch.Tensor:
         numel = math.prod(shape)
         b = self.bufs.get(name)
         if b is None or b.numel() < numel:
-            b = self.bufs[name] = self.like.new_empty(numel)
+            b = self.bufs[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
         return b[:numel].view(shape)
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(like: torch.Tensor) -> _Buffers:
+    """This thread's scratch buffers for ``like``'s dtype and device."""
+    pool = _LOCAL.__dict__.setdefault("pool", {})
+    key = (like.dtype, like.device)
+    if key not in pool:
+        pool[key] = _Buffers(like.dtype, like.device)
+    return pool[key]
 
 
 def _chunks(n: int, K: int, bs: int, Dh: int, elsize: int):
@@ -180,7 +194,7 @@ class BlockSparseCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qb, kf, vf, plan_b, kbias, scale, has_empty):
         R, bs, Dh = qb.shape
-        buf = _Buffers(qb)
+        buf = _scratch(qb)
         out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
         bias_fn = _bias_fn(kbias, buf)
         for rows, idx, K, tail in plan_b:
@@ -202,7 +216,7 @@ class BlockSparseCPU(torch.autograd.Function):
         plan_b, scale = ctx.plan_b, ctx.scale
         R, bs, Dh = qb.shape
         dout = dout.contiguous()
-        buf = _Buffers(qb)
+        buf = _scratch(qb)
         delta = (dout * out).sum(-1, keepdim=True)  # δ = rowsum(dO ∘ O) = rowsum(dP ∘ P)
         dq = torch.zeros_like(qb)
         dk = torch.zeros_like(kf)
