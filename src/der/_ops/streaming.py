@@ -64,24 +64,78 @@ class _Layout:
         return torch.baddbmm(self.b, fc, self.Wt)
 
 
+class _Chunks:
+    """Two reusable ``(B, C, k)`` work buffers (logits, probabilities): one allocation per call.
+
+    Fresh multi-MiB temporaries on every chunk cost page faults (glibc hands large blocks back to the OS);
+    with ``out=`` buffers a chunk's logits, probabilities and logit gradients stay in the same memory.
+    The softmax is ATen's fused kernel (its ``exp`` is several times faster than ``Tensor.exp_``)."""
+
+    def __init__(self, lay: _Layout, C: int, ref: torch.Tensor) -> None:
+        self.C = C
+        self.a = ref.new_empty((lay.B, C, lay.k))
+        self.b = ref.new_empty((lay.B, C, lay.k))
+
+    def view(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if c == self.C:
+            return self.a, self.b
+        return self.a[:, :c].contiguous(), self.b[:, :c].contiguous()
+
+
+def _softmax_out(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._softmax.out(x, -1, False, out=out)
+
+
 def streaming_counts_forward(
     feat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS
 ) -> torch.Tensor:
-    """Soft counts ``(..., k)`` without keeping more than one ``B×C×k`` chunk alive. No autograd."""
+    """Soft counts ``(..., k)`` keeping two ``B×C×k`` buffers alive. No autograd."""
     lay = _Layout(feat, weight, bias)
     C = _rows_per_chunk(lay.B, lay.N, lay.k, chunk_elems)
     acc = torch.zeros(lay.B, lay.k, dtype=torch.float64, device=feat.device)
+    work = _Chunks(lay, C, feat)
     for s in range(0, lay.N, C):
-        p = torch.softmax(lay.logits(lay.feat_chunk(feat, s, s + C)), dim=-1)
+        fc = lay.feat_chunk(feat, s, s + C)
+        logits, p = work.view(fc.shape[1])
+        torch.baddbmm(lay.b, fc, lay.Wt, out=logits)
+        _softmax_out(logits, p)
         acc += p.sum(dim=1)
     return acc.to(feat.dtype).reshape(*lay.batch_shape, lay.k)
 
 
 def _dlogits(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``p ⊙ (g − (p·g))`` per row, i.e. the softmax vector-Jacobian product, for ``p (B,C,k)``, ``g (B,1,k)``."""
-    if torch.is_grad_enabled():  # double backward: a differentiable formulation
-        return p * (g - (p * g).sum(dim=-1, keepdim=True))
-    return torch._softmax_backward_data(g.expand_as(p).contiguous(), p, -1, p.dtype)
+    return p * (g - (p * g).sum(dim=-1, keepdim=True))
+
+
+def _finish(lay: _Layout, weight: torch.Tensor, bias: torch.Tensor, dW, db):
+    if dW is not None:
+        dW = dW.reshape(*lay.batch_shape, lay.k, lay.f).sum_to_size(weight.shape).to(weight.dtype)
+    if db is not None:
+        db = db.reshape(*lay.batch_shape, lay.k).sum_to_size(bias.shape).to(bias.dtype)
+    return dW, db
+
+
+def _backward_differentiable(grad, feat, weight, bias, needs, chunk_elems):
+    """Backward built from differentiable ops (for ``create_graph=True``); keeps the chunks for the
+    second-order graph."""
+    lay = _Layout(feat, weight, bias)
+    C = _rows_per_chunk(lay.B, lay.N, lay.k, chunk_elems)
+    g = grad.to(feat.dtype).expand(*lay.batch_shape, lay.k).reshape(lay.B, 1, lay.k)
+    need_f, need_w, need_b = needs
+    dfeat_parts, dW, db = [], None, None
+    for s in range(0, lay.N, C):
+        fc = lay.feat_chunk(feat, s, s + C)
+        dl = _dlogits(torch.softmax(lay.logits(fc), dim=-1), g)
+        if need_f:
+            dfc = torch.bmm(dl, lay.W).reshape(*lay.batch_shape, fc.shape[1], lay.f)
+            dfeat_parts.append(dfc.sum_to_size(*feat.shape[:-2], fc.shape[1], lay.f))
+        if need_w:
+            dW = (0 if dW is None else dW) + torch.bmm(dl.transpose(1, 2), fc).double()
+        if need_b:
+            db = (0 if db is None else db) + dl.sum(dim=1).double()
+    dfeat = torch.cat(dfeat_parts, dim=-2) if need_f else None
+    return (dfeat, *_finish(lay, weight, bias, dW, db))
 
 
 def streaming_counts_backward(
@@ -92,30 +146,39 @@ def streaming_counts_backward(
     needs: tuple[bool, bool, bool],
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients w.r.t. ``(feat, weight, bias)`` given ``grad = ∂L/∂counts (..., k)``, recomputing chunks."""
+    """Gradients w.r.t. ``(feat, weight, bias)`` given ``grad = ∂L/∂counts (..., k)``, recomputing chunks.
+
+    Under ``create_graph=True`` a differentiable formulation is used instead (double backward works)."""
+    if torch.is_grad_enabled():
+        return _backward_differentiable(grad, feat, weight, bias, needs, chunk_elems)
     lay = _Layout(feat, weight, bias)
     C = _rows_per_chunk(lay.B, lay.N, lay.k, chunk_elems)
     g = grad.to(feat.dtype).expand(*lay.batch_shape, lay.k).reshape(lay.B, 1, lay.k)
     need_f, need_w, need_b = needs
+    direct = need_f and feat.shape[:-2] == lay.batch_shape and feat.is_contiguous()
     dfeat = feat.new_empty(feat.shape) if need_f else None
+    dfeat3 = dfeat.view(lay.B, lay.N, lay.f) if direct else None
     dW = feat.new_zeros((lay.B, lay.k, lay.f), dtype=torch.float64) if need_w else None
     db = feat.new_zeros((lay.B, lay.k), dtype=torch.float64) if need_b else None
+    work = _Chunks(lay, C, feat)
     for s in range(0, lay.N, C):
         fc = lay.feat_chunk(feat, s, s + C)
         e = s + fc.shape[1]
-        dl = _dlogits(torch.softmax(lay.logits(fc), dim=-1), g)
-        if dfeat is not None:
+        a, p = work.view(e - s)
+        torch.baddbmm(lay.b, fc, lay.Wt, out=a)
+        _softmax_out(a, p)
+        # ∂L/∂logits = p ⊙ (g − p·g), written over the logits buffer (g broadcast, never copied)
+        dl = torch.ops.aten._softmax_backward_data.out(g.expand_as(p), p, -1, p.dtype, grad_input=a)
+        if dfeat3 is not None:
+            torch.bmm(dl, lay.W, out=dfeat3[:, s:e])
+        elif dfeat is not None:
             dfc = torch.bmm(dl, lay.W).reshape(*lay.batch_shape, e - s, lay.f)
             dfeat[..., s:e, :] = dfc.sum_to_size(*feat.shape[:-2], e - s, lay.f)
         if dW is not None:
-            dW = dW + torch.bmm(dl.transpose(1, 2), fc)
+            dW += torch.bmm(dl.transpose(1, 2), fc)
         if db is not None:
-            db = db + dl.sum(dim=1)
-    if dW is not None:
-        dW = dW.reshape(*lay.batch_shape, lay.k, lay.f).sum_to_size(weight.shape).to(weight.dtype)
-    if db is not None:
-        db = db.reshape(*lay.batch_shape, lay.k).sum_to_size(bias.shape).to(bias.dtype)
-    return dfeat, dW, db
+            db += dl.sum(dim=1)
+    return (dfeat, *_finish(lay, weight, bias, dW, db))
 
 
 class StreamingSoftmaxCounts(torch.autograd.Function):
