@@ -1,4 +1,4 @@
-r"""2D Delaunay triangulation: SciPy/QHull, and QHull on a spatially ordered input (paper §5.1).
+r"""2D Delaunay triangulation: an exact sweep-hull engine, SciPy/QHull, QHull on ordered input (§5.1).
 
 :func:`delaunay` returns ``(t, 3)`` ``int64`` vertex indices into ``points``, each triangle
 counter-clockwise, triangles sorted lexicographically (so results compare directly). Inputs with
@@ -7,8 +7,16 @@ duplicates: one representative takes part (QHull's "coplanar" points are left ou
 
 Methods:
 
+* ``"sweep"`` (``"auto"``) -- our engine (:mod:`der.geometry._sweep`): Delaunator's sweep-hull
+  insertion with Lawson flips, compiled with numba, with *exact* orientation and incircle predicates
+  (float filters with exact fallbacks) and exact handling of the points Delaunator would skip. It
+  returns the Delaunay triangulation of the points as given in float64 (where QHull, deciding with
+  tolerances, can differ on nearly cocircular or nearly collinear points); of exact duplicates the
+  smallest index takes part. Input whose largest coordinate is outside ``[2^-100, 2^100]`` is rescaled
+  by a power of two (exact); the predicates stay exact unless coordinate differences are below ~2^-240
+  times the largest coordinate.
 * ``"qhull"`` -- ``scipy.spatial.Delaunay`` on the input as given.
-* ``"ordered"`` (``"auto"``) -- the same engine on the points reordered along a Morton (Z-order)
+* ``"ordered"`` -- the same engine on the points reordered along a Morton (Z-order)
   curve: QHull inserts points in input order and locates each new point by walking from recently
   created facets, so spatially coherent insertion shortens the walks and improves cache locality;
   the triangulation is the same (the Delaunay triangulation is unique up to cocircular ties). The
@@ -20,11 +28,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from der.geometry._sweep import sweep_delaunay
 from der.geometry.data import check_points
 
-__all__ = ["METHODS", "delaunay", "morton_order"]
+__all__ = ["METHODS", "delaunay", "morton_order", "warmup"]
 
-METHODS = ("auto", "ordered", "qhull")
+METHODS = ("auto", "sweep", "ordered", "qhull")
 
 
 @njit(cache=True)
@@ -52,17 +61,31 @@ def morton_order(points) -> np.ndarray:
     return np.argsort(_morton_keys(P, lo[0], lo[1], s[0], s[1]), kind="stable").astype(np.int64)
 
 
-def _canonical(P: np.ndarray, tri: np.ndarray) -> np.ndarray:
-    """Orient every triangle counter-clockwise, rotate its smallest index first, sort rows."""
+def _canonical(P: np.ndarray, tri: np.ndarray, cw: bool = False) -> np.ndarray:
+    """Orient every triangle counter-clockwise, rotate its smallest index first, sort rows.
+
+    ``cw=True``: the triangles are known to be clockwise (our engine) -- reverse them all."""
     if len(tri) == 0:
         return np.zeros((0, 3), dtype=np.int64)
     tri = tri.astype(np.int64)
-    a, b, c = P[tri[:, 0]], P[tri[:, 1]], P[tri[:, 2]]
-    cw = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]) < 0
-    tri[cw] = tri[cw][:, ::-1]
+    if cw:
+        tri = tri[:, ::-1]
+    else:
+        a, b, c = P[tri[:, 0]], P[tri[:, 1]], P[tri[:, 2]]
+        flip = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]) < 0
+        tri[flip] = tri[flip][:, ::-1]
+    return _rotate_sort(np.ascontiguousarray(tri), len(P))
+
+
+def _rotate_sort(tri: np.ndarray, n: int) -> np.ndarray:
+    """Rotate each row's smallest index first; sort rows lexicographically (one int64 key when
+    three indices fit in 63 bits)."""
     r = np.argmin(tri, axis=1)
     rows = np.arange(len(tri))[:, None]
     tri = tri[rows, (r[:, None] + np.arange(3)) % 3]
+    if n <= 1 << 21:
+        key = (tri[:, 0] << 42) | (tri[:, 1] << 21) | tri[:, 2]
+        return tri[np.argsort(key)]
     return tri[np.lexsort(tri.T[::-1])]
 
 
@@ -73,6 +96,19 @@ def _qhull(P: np.ndarray) -> np.ndarray:
         return Delaunay(P).simplices
     except (QhullError, ValueError):
         return np.zeros((0, 3), dtype=np.int64)
+
+
+def _sweep(P: np.ndarray) -> np.ndarray:
+    """Our exact engine on ``P`` (rescaled by a power of two when its magnitude is extreme)."""
+    big = float(np.abs(P).max())
+    if big > 0.0 and not 2.0**-100 <= big <= 2.0**100:
+        P = np.ldexp(P, -int(np.frexp(big)[1]))
+    return sweep_delaunay(np.ascontiguousarray(P[:, 0]), np.ascontiguousarray(P[:, 1]))
+
+
+def warmup() -> None:
+    """Compile (or load from the numba cache) the engine on a tiny input."""
+    _sweep(np.random.default_rng(0).random((64, 2)))
 
 
 def delaunay(points, method: str = "auto") -> np.ndarray:
@@ -88,6 +124,8 @@ def delaunay(points, method: str = "auto") -> np.ndarray:
         return np.zeros((0, 3), dtype=np.int64)
     if method == "qhull":
         return _canonical(P, _qhull(P))
+    if method in ("auto", "sweep"):
+        return _canonical(P, _sweep(P), cw=True)
     order = morton_order(P)
     tri = _qhull(np.ascontiguousarray(P[order]))
     return _canonical(P, order[tri] if len(tri) else tri)
