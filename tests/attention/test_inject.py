@@ -216,3 +216,22 @@ def test_ddp_sees_anchors_and_every_step_reduces(tmp_path):
             h.step()
     finally:
         dist.destroy_process_group()
+
+
+def test_key_entropy_matches_functional_and_gradcheck():
+    """The hook's fast H_diff layout equals der.functional (also far from the origin, with padding)."""
+    from der.attention.injection import _key_entropy
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 7, 3 * 4, generator=g, dtype=torch.float64) + 20.0  # a key projection's output
+    keys = out.view(2, 7, 3, 4).transpose(1, 2)
+    anchors = torch.randn(3, 5, 4, generator=g, dtype=torch.float64) + 20.0
+    torch.testing.assert_close(_key_entropy(keys, anchors, 0.5), DF.anchor_entropy(keys, anchors, alpha=0.5))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    ref = DF.anchor_entropy(keys[1:, :, :4], anchors, alpha=0.5)[0]
+    torch.testing.assert_close(_key_entropy(keys, anchors, 0.5, mask)[1], ref)
+    out.requires_grad_()
+    anchors.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda o, a: _key_entropy(o.view(2, 7, 3, 4).transpose(1, 2), a, 0.5, mask), (out, anchors))
