@@ -64,26 +64,30 @@ class Plan:
     tails: dict[int, torch.Tensor]  # tail kind → bool (bs or 1, bs) allowed mask of the last kept slot
     _memo: dict = field(default_factory=dict)
 
-    def expand(self, B: int, dtype: torch.dtype) -> list[tuple]:
-        """Per bucket at batch ``B``: ``(rows, idx, K, tail_bias)`` with ``rows`` a slice when the rows are
-        one contiguous range, else an index tensor; ``idx: (n, K)`` rows of the flattened ``(B*H*nb)``
-        key blocks; ``tail_bias`` a float ``0/-inf`` tensor or None. Memoised per (B, dtype)."""
-        key = (B, dtype)
+    def expand(self, B: int, dtype: torch.dtype, Dh: int, bs: int) -> list[tuple]:
+        """Per bucket at batch ``B``: ``(K, tail_bias, chunks)``; ``tail_bias`` a float ``0/-inf`` tensor or
+        None; ``chunks`` a list of ``(rows, c, ids)``: ``c`` query-block rows of the flattened ``(B*H*nb)``
+        blocks (a slice when contiguous, else an index tensor) and their ``(c*K,)`` key-block rows.
+        Memoised per (B, dtype, Dh, bs)."""
+        key = (B, dtype, Dh, bs)
         if key not in self._memo:
             out = []
             reps = B * self.H * self.nb // self.L  # 1 for per-batch layouts, B for a shared one
+            elsize = torch.empty((), dtype=dtype).element_size()
             for bk in self.buckets:
                 off = torch.arange(reps, device=bk.rows.device) * self.L
                 rows = (bk.rows[None, :] + off[:, None]).reshape(-1)
                 idx = (bk.idx[None] + off[:, None, None]).reshape(-1, bk.K)
                 n = rows.numel()
-                if bool((rows == torch.arange(n, device=rows.device) + rows[0]).all()):
-                    rows = slice(int(rows[0]), int(rows[0]) + n)
+                run = bool((rows == torch.arange(n, device=rows.device) + rows[0]).all())
+                c = max(1, CHUNK_BYTES // (2 * bk.K * bs * Dh * elsize))
+                chunks = [(slice(int(rows[c0]), int(rows[c0]) + min(c, n - c0)) if run else rows[c0:c0 + c],
+                           min(c, n - c0), idx[c0:c0 + c].reshape(-1)) for c0 in range(0, n, c)]
                 tail = None
                 if bk.tail:
                     tail = torch.zeros(self.tails[bk.tail].shape, dtype=dtype, device=bk.idx.device)
                     tail.masked_fill_(~self.tails[bk.tail], float("-inf"))
-                out.append((rows, idx, bk.K, tail))
+                out.append((bk.K, tail, chunks))
             self._memo[key] = out
         return self._memo[key]
 
@@ -147,19 +151,6 @@ def _scratch(like: torch.Tensor) -> _Buffers:
     return pool[key]
 
 
-def _chunks(n: int, K: int, bs: int, Dh: int, elsize: int):
-    c = max(1, CHUNK_BYTES // (2 * K * bs * Dh * elsize))
-    for c0 in range(0, n, c):
-        yield c0, min(c0 + c, n)
-
-
-def _sel(rows, c0: int, c1: int):
-    """Rows ``c0:c1`` of a bucket: a slice of the flattened blocks or an index tensor."""
-    if isinstance(rows, slice):
-        return slice(rows.start + c0, rows.start + c1)
-    return rows[c0:c1]
-
-
 def _take(t: torch.Tensor, r, buf: _Buffers, name: str) -> torch.Tensor:
     if isinstance(r, slice):
         return t[r]
@@ -197,9 +188,8 @@ class BlockSparseCPU(torch.autograd.Function):
         buf = _scratch(qb)
         out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
         bias_fn = _bias_fn(kbias, buf)
-        for rows, idx, K, tail in plan_b:
-            for c0, c1 in _chunks(idx.shape[0], K, bs, Dh, qb.element_size()):
-                r, c, ids = _sel(rows, c0, c1), c1 - c0, idx[c0:c1].reshape(-1)
+        for K, tail, chunks in plan_b:
+            for r, c, ids in chunks:
                 p, _ = _probs(_take(qb, r, buf, "q"), kf, ids, bias_fn, tail, scale, buf, c, K, bs)
                 vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
                 if isinstance(r, slice):
@@ -222,9 +212,8 @@ class BlockSparseCPU(torch.autograd.Function):
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
         bias_fn = _bias_fn(kbias, buf)
-        for rows, idx, K, tail in plan_b:
-            for c0, c1 in _chunks(idx.shape[0], K, bs, Dh, qb.element_size()):
-                r, c, ids = _sel(rows, c0, c1), c1 - c0, idx[c0:c1].reshape(-1)
+        for K, tail, chunks in plan_b:
+            for r, c, ids in chunks:
                 qc = _take(qb, r, buf, "q")
                 p, kg = _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs)
                 do = _take(dout, r, buf, "do")
@@ -266,6 +255,6 @@ def attention(q, k, v, plan: Plan, block_size: int, scale: float, key_padding_ma
         kbias = torch.zeros(B, H, nb, block_size, dtype=q.dtype, device=q.device)
         kbias.masked_fill_(~kpm, float("-inf"))
         kbias = kbias.view(R, block_size)
-    plan_b = plan.expand(B, q.dtype)
+    plan_b = plan.expand(B, q.dtype, Dh, block_size)
     out = BlockSparseCPU.apply(blocks(q), blocks(k), blocks(v), plan_b, kbias, scale, plan.has_empty)
     return out.view(B, H, npad, Dh)[:, :, :N]
