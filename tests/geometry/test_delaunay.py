@@ -177,3 +177,34 @@ def test_property_integer_sets_exact(P):
         assert len(convex_hull(P)) <= 2  # no triangles only when all points are collinear
         return
     _exact_valid(P, tri)
+
+
+def _sweep_in_order(P, order):
+    from der.geometry._sweep import sweep_delaunay
+    from der.geometry.delaunay import _canonical
+
+    return _canonical(P, sweep_delaunay(P[:, 0].copy(), P[:, 1].copy(), order.astype(np.int64)), cw=True)
+
+
+@pytest.mark.parametrize("name", ["square", "gaussian", "clustered"])
+def test_sweep_any_insertion_order(name):
+    """Random insertion orders put most points inside the current hull: the walk-and-split path
+    (triangle and edge splits, hull edges included) must give the same triangulation."""
+    P = data.generate(name, 3000, seed=11)
+    want = delaunay(P, "qhull")
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(len(P))
+        np.testing.assert_array_equal(_sweep_in_order(P, order), want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(3, 50), st.just(2)), elements=st.integers(-5, 5)),
+       st.integers(0, 2**32 - 1))
+def test_property_integer_sets_random_order(P, seed):
+    """Grids, collinear runs and points on hull edges, inserted in random order (exact checks)."""
+    P = data.dedup(P)
+    order = np.random.default_rng(seed).permutation(len(P))
+    tri = _sweep_in_order(P, order)
+    if len(tri):
+        _exact_valid(P, tri)
+        assert len(tri) == len(delaunay(P, "sweep"))

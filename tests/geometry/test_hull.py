@@ -136,6 +136,29 @@ def test_huge_and_tiny(scale):
         np.testing.assert_array_equal(convex_hull(P * scale, m), want)
 
 
+@pytest.mark.parametrize("xscale", [1e-310, 1e-300, 1e-250])
+def test_extreme_aspect_ratio(xscale):
+    """x spread tiny (even subnormal) against y of order 1: slopes and slab widths overflow in the
+    filters; the result must still be exact (the slab pass then discards nothing it cannot prove)."""
+    P = data.uniform_disk(4000, seed=6) * [xscale, 1.0]
+    P = np.concatenate([P, [[0.0, 5.0], [0.0, -5.0], [3 * xscale, 0.0]]])
+    want = ref_hull(P)
+    assert coords(P, convex_hull(P)) == want
+    assert coords(P, convex_hull(P, "monotone")) == want
+
+
+@pytest.mark.parametrize("n", [600, 5000, 70_000])
+def test_slab_pass_sizes_and_nan(n):
+    """The fused slab pass at several table sizes; a NaN or Inf anywhere (not in the sample) raises."""
+    P = data.gaussian(n, seed=n)
+    np.testing.assert_array_equal(convex_hull(P), convex_hull(P, "qhull"))
+    for bad in (np.nan, np.inf):
+        Q = P.copy()
+        Q[n // 2 + 1, 1] = bad
+        with pytest.raises(ValueError, match="finite"):
+            convex_hull(Q)
+
+
 @pytest.mark.parametrize(
     "bad",
     [np.zeros((5, 3)), np.zeros(6), np.zeros((2, 2, 2)), [[0.0, np.nan]] * 4, [[np.inf, 0.0]] * 4,

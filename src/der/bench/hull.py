@@ -12,7 +12,9 @@ sort-based skyline), and check every run's output against the reference (``exact
   ``auto`` (ours). Reference: QHull's vertex list, except on the circle where QHull's tolerance
   merges nearly collinear vertices, so the reference is the exact monotone chain and QHull's
   disagreement is reported (``qhull_vertices`` vs ``exact_vertices``).
-* Delaunay: SciPy vs ``ordered`` (QHull on Morton-ordered input, ordering included).
+* Delaunay: SciPy vs ``ordered`` (QHull on Morton-ordered input, ordering included) vs ``auto``
+  (our exact sweep-hull engine); both include the canonical (sorted) output form. Reference: SciPy's
+  triangulation, canonicalized.
 * maxima: sort-based skyline (``sweep``) vs ``paretoset`` vs ``auto`` (pivot filter + sweep).
 
 Writes ``benchmarks/results/geometry_algos.json`` and generates ``docs/geometry_algos.md`` from it.
@@ -112,7 +114,8 @@ def bench_delaunay(ns, repeats, rows):
         for dist in ("square", "gaussian", "parabola"):
             P = data.generate(dist, n, seed=0)
             ref = delaunay(P, "qhull")
-            fns = {"scipy": lambda P=P: Delaunay(P).simplices, "ordered": lambda P=P: delaunay(P)}
+            fns = {"scipy": lambda P=P: Delaunay(P).simplices, "ordered": lambda P=P: delaunay(P, "ordered"),
+                   "auto": lambda P=P: delaunay(P)}
 
             def check(k, out, ref=ref, P=P):
                 return np.array_equal(_canonical(P, out) if k == "scipy" else out, ref)
@@ -206,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
 
     convex_hull(data.uniform_disk(70_000, 0))  # numba cache load happens here
     first = time.perf_counter() - t0
+    from der.geometry.delaunay import warmup as warmup_delaunay
     from der.geometry.hull import warmup
 
     warmup()
+    warmup_delaunay()
     reps = 3 if args.quick else args.repeats
     big = [n for n in (10**4, 10**5, 10**6) if n <= (10**5 if args.quick else args.max_n)]
     rows: list[dict] = []

@@ -29,11 +29,15 @@ _EPS = 2.0**-53
 
 def _chain_at(xs: np.ndarray, ys: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Float values at ``x`` (strictly inside ``(xs[0], xs[-1])``) of the chain with vertices
-    ``xs`` (non-decreasing) / ``ys``; vertical edges are never selected for such x."""
+    ``xs`` (non-decreasing) / ``ys``; vertical edges are never selected for such x. NaN where a
+    slope overflowed (an edge of tiny width): the bound is then unknown and the slab discards
+    nothing (NaN compares false)."""
     e = np.clip(np.searchsorted(xs, x, side="right") - 1, 0, len(xs) - 2)
     xa, ya = xs[e], ys[e]
     dx, dy = xs[e + 1] - xa, ys[e + 1] - ya
-    return ya + (x - xa) * (dy / dx)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        v = ya + (x - xa) * (dy / dx)
+    return np.where(np.isfinite(v), v, np.nan)
 
 
 def slab_tables(xq: np.ndarray, yq: np.ndarray, nlow: int, nb: int):
@@ -45,7 +49,8 @@ def slab_tables(xq: np.ndarray, yq: np.ndarray, nlow: int, nb: int):
     if not width > 0.0:
         return None
     big = float(max(np.abs(xq).max(), np.abs(yq).max()))
-    inv_w = nb / width
+    with np.errstate(over="ignore"):
+        inv_w = nb / width  # inf for a tiny width: then no slab is usable (edges collapse to xmin)
     k = np.arange(nb + 1)
     edges = xmin + k / inv_w
     delta = 16.0 * _EPS * (abs(xmin) + abs(xmax) + width) + 1e-10 * width

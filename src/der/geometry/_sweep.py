@@ -252,8 +252,13 @@ def _circumradius2(ax, ay, bx, by, cx, cy) -> float:
 
 
 @njit(cache=True)
-def sweep_delaunay(X, Y):
-    """Delaunay triangles (t, 3), clockwise, of the points (X, Y); (0, 3) if all are collinear."""
+def sweep_delaunay(X, Y, order):
+    """Delaunay triangles (t, 3), clockwise, of the points (X, Y); (0, 3) if all are collinear.
+
+    ``order``: insertion order (a permutation of all rows), or empty for the sweep order (distance
+    from the seed circumcentre). Any order gives the same triangulation up to cocircular ties and
+    the choice among exact duplicates (the first inserted is kept); orders other than the sweep's
+    make most insertions go through the walk-and-split path (tests use this)."""
     n = X.shape[0]
     i0, i1, i2 = _seed(X, Y) if n >= 3 else (-1, -1, -1)
     if i2 == -1:
@@ -268,7 +273,7 @@ def sweep_delaunay(X, Y):
     if not (math.isfinite(cx) and math.isfinite(cy)):  # (nearly) flat seed: its centroid will do
         cx, cy = (X[i0] + X[i1] + X[i2]) / 3.0, (Y[i0] + Y[i1] + Y[i2]) / 3.0
     dist = (X - cx) ** 2 + (Y - cy) ** 2
-    ids = np.argsort(dist, kind="mergesort")  # stable: of exact duplicates the smallest index first
+    ids = order if order.shape[0] else np.argsort(dist, kind="mergesort")  # stable: ties by index
     size = max(1, int(math.ceil(math.sqrt(n))))
     hull_hash = np.full(size, -1, dtype=np.int64)
     hull_next = np.empty(n, dtype=np.int64)

@@ -103,7 +103,7 @@ def _sweep(P: np.ndarray) -> np.ndarray:
     big = float(np.abs(P).max())
     if big > 0.0 and not 2.0**-100 <= big <= 2.0**100:
         P = np.ldexp(P, -int(np.frexp(big)[1]))
-    return sweep_delaunay(np.ascontiguousarray(P[:, 0]), np.ascontiguousarray(P[:, 1]))
+    return sweep_delaunay(np.ascontiguousarray(P[:, 0]), np.ascontiguousarray(P[:, 1]), np.zeros(0, np.int64))
 
 
 def warmup() -> None:

@@ -21,14 +21,18 @@ coordinate is nonzero but smaller than ~2^-1000 times the largest coordinate of 
 (e.g. 1e-308 beside 1.0), where an underflowed product can turn a tiny turn into "collinear".
 
 **auto** (the paper's theme, §5.1: low-entropy structure makes hulls cheap): an exact,
-output-friendly variant of the Akl--Toussaint heuristic. Stage 1 finds the extreme points in
-8 directions (one parallel numba pass) and discards, in a second parallel pass, every point that is
-*provably* strictly inside their polygon (a float test with a rigorous rounding-error margin). If
-many points survive and the survivors are still a small fraction, stage 2 repeats with 64
-directions on the survivors only. When most points survive (points on a circle: nothing can be
-discarded) filtering stops at once. The survivors are sorted (NumPy's SIMD argsort) and finished
-with the exact monotone chain. Compile time: all kernels use ``cache=True``; :func:`warmup` compiles
-them once per machine.
+output-friendly variant of the Akl--Toussaint heuristic. The exact hull of a strided sample of 4096
+points is an inner polygon whose vertices are input points. One fused numba pass over the input
+(:mod:`der.geometry._slab`) checks for NaN/Inf, measures max |P| and discards every point that is
+*provably* strictly inside that polygon, with one slab index and two table loads per point (bounds
+above the lower and below the upper chain per x-slab, with rigorous rounding margins). If many
+points survive and the survivors are still a small fraction, further rounds use the hull of the
+sample plus a sample of the survivors and an exact per-edge test (``filter_chains``, a float test
+with a rigorous margin). When the sample hull has most sample points as vertices (points on a
+circle: nothing can be discarded) filtering is skipped. The survivors are sorted (NumPy's SIMD
+argsort) and finished with the exact monotone chain. The input is not copied when it is already
+C-contiguous float64 with magnitude in ``[2^-400, 2^400]``. Compile time: all kernels use
+``cache=True``; :func:`warmup` compiles them once per machine.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ def _first_pass(P: np.ndarray, cand: np.ndarray):
         return None
     xq, yq = np.ascontiguousarray(P[q, 0]), np.ascontiguousarray(P[q, 1])
     nlow = int(np.lexsort((yq, xq))[-1])
-    tab = slab_tables(xq, yq, nlow, int(np.clip(len(P) // 8, 4, _SLABS)))
+    tab = slab_tables(xq, yq, nlow, int(np.clip(len(P) // 32, 4, _SLABS)))
     if tab is None:
         return None
     idx, big = slab_filter(P, *tab)
@@ -134,7 +138,7 @@ def _auto(P: np.ndarray, par: bool = False) -> np.ndarray:
     """Sample hull -> slab pass (validates P) -> provable interior filter refined while it pays ->
     exact monotone chain. ``P``: (n, 2) C-contiguous float64, not yet checked for NaN/Inf."""
     n = len(P)
-    cand = np.arange(0, n, max(1, n // _SAMPLE), dtype=np.int64)
+    cand = np.arange(0, n, max(1, n // min(_SAMPLE, max(256, n // 16))), dtype=np.int64)
     first = _first_pass(P, cand) if n > _SMALL else None
     if first is not None:
         q, idx, scale = first
