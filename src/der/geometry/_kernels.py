@@ -244,7 +244,9 @@ def _filter_chains(P, idx, full, xb, a, b, thr, nlow, x0, inv_w, tab_lo, tab_up,
             i = t if full else idx[t]
             px = P[i, 0]
             py = P[i, 1]
-            k = min(max(int((px - x0) * inv_w), 0), nb - 1)
+            u = (px - x0) * inv_w
+            u = u if u > 0.0 else 0.0  # clamp as a float first: NaN/inf never reach int()
+            k = int(u if u < nb - 1.0 else nb - 1.0)
             # lower edge e spans xb[e] .. xb[e + 1]; upper edge f spans xb[f] (right) .. xb[f + 1]
             e = tab_lo[k] + (brk_lo[k] <= px)  # brk_*[k] = xb[tab_*[k] + 1]: loads depend on k only
             f = tab_up[k] + (brk_up[k] >= px)

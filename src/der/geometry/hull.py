@@ -98,7 +98,8 @@ def _inner_polygon_filter(P: np.ndarray, q: np.ndarray, idx: np.ndarray | None, 
     a, b, thr = K.edge_tests(xb, yb, scale)
     nb = 16 * h
     x0, x1 = xb[0], xb[nlow]
-    inv_w = nb / (x1 - x0)
+    with np.errstate(over="ignore"):
+        inv_w = nb / (x1 - x0)  # inf for a tiny width: the table is then useless, never wrong
     edges = x0 + np.arange(nb + 1) / inv_w  # bucket k spans edges[k] .. edges[k + 1]
     # lower edge containing the left end of bucket k (largest e <= nlow - 1 with xb[e] <= left end)
     tab_lo = np.clip(np.searchsorted(xb[: nlow + 1], edges[:-1], side="right") - 1, 0, nlow - 1)
