@@ -6,7 +6,8 @@ the CPU path's cost does not depend on which blocks are kept, only on how many).
 process and interleaved per repeat (so load drift on a shared machine hits all methods alike):
 
 * ``dense``: ``F.scaled_dot_product_attention`` without mask (the CPU flash kernel / CUDA flash backend);
-* ``ours``: ``block_sparse_attention(..., backend="cpu")`` (gather path, custom backward);
+* ``ours``: ``block_sparse_attention(..., backend="cpu")`` (:mod:`der.attention._cpu_kernel`: bucketed
+  gather + batched matmuls in reused buffers, custom recompute backward);
 * ``flex``: ``block_sparse_attention(..., backend="flex")`` (compiled FlexAttention, a fresh static compile
   per shape; compile time excluded). CPU: forward only (no CPU backward in torch 2.13).
 
@@ -128,7 +129,8 @@ def _fmt(r: dict, key: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="der bench attention-kernel", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="B=1, H=6, N in {256, 1024}, 3 repeats")
+    ap.add_argument("--quick", action="store_true",
+                    help="(1,6,256), (1,12,1024), (8,6,1024), (1,12,4096): one shape per regime, 3 repeats")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 5; 3 at N=4096)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see docstring)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves ~30-60 s compile per shape)")
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    grid = [(1, 6, 256), (1, 6, 1024)] if args.quick else [
+    grid = [(1, 6, 256), (1, 12, 1024), (8, 6, 1024), (1, 12, 4096)] if args.quick else [
         (B, H, N) for N in (256, 1024, 4096) for B in (1, 8) for H in (6, 12)]
     out_path = args.out or (RESULTS.with_name("attention_kernel_quick.json") if args.quick else RESULTS)
     load_before = os.getloadavg()
