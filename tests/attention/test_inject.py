@@ -220,7 +220,7 @@ def test_ddp_sees_anchors_and_every_step_reduces(tmp_path):
 
 def test_key_entropy_matches_functional_and_gradcheck():
     """The hook's fast H_diff layout equals der.functional (also far from the origin, with padding)."""
-    from der.attention.injection import _key_entropy
+    from der.attention._hdiff import key_entropy as _key_entropy
 
     g = torch.Generator().manual_seed(0)
     out = torch.randn(2, 7, 3 * 4, generator=g, dtype=torch.float64) + 20.0  # a key projection's output

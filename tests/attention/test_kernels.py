@@ -246,3 +246,31 @@ def test_flex_cuda_matches_dense_forward_backward():
         assert (o1 - o2).abs().max() < 1e-4
         for a, b in zip(g1, g2, strict=True):
             assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_runs_of_identical_rows_and_uneven_rows_match_reference(causal):
+    """Consecutive query blocks with one kept set are merged into runs (capped at MAX_RUN); rows of very
+    different lengths go to different buckets. Both must equal the reference, with key/N padding."""
+    B, H, N, Dh, bs = 2, 3, 8 * 11 - 5, 4, 8
+    nb = math.ceil(N / bs)
+    q, k, v = _inputs(B, H, N, Dh, seed=7)
+    lay = torch.zeros(1, H, nb, nb, dtype=torch.bool)
+    lay[0, 0, :, 0] = True  # head 0: every row keeps block 0 → one run of 11 (split 8 + 3)
+    lay[0, 1, :, :] = True  # head 1: dense rows (the last, padded block in every row)
+    lay[0, 1, 4:6] = False
+    lay[0, 1, 4:6, 2:4] = True  # a run of 2 rows in the middle
+    lay[0, 2] = _layout(1, 1, nb, 0.3, seed=7, empty_row=False)[0, 0]  # head 2: uneven random rows
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[1, :20] = False
+    w = torch.randn(B, H, N, Dh, dtype=torch.float64)
+    ref = _naive(q, k, v, lay, bs, causal, kpm=kpm)
+    ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    out = block_sparse_attention(q, k, v, lay, bs, causal=causal, backend="cpu", key_padding_mask=kpm)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+    for g, r in zip(grads, ref_g, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+    plan = kernels._cpu_kernel.make_plan(lay, bs, N, causal)
+    assert max(b.m for b in plan.buckets) == kernels._cpu_kernel.MAX_RUN
+    assert all(b.m == 1 for b in plan.buckets if b.tail == 1)  # causal diagonal rows are never merged

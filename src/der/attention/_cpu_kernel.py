@@ -1,5 +1,5 @@
-r"""The ``"cpu"`` backend of :func:`der.attention.block_sparse_attention`: bucketed gather + online-free
-exact softmax over the kept key blocks, with a FlashAttention-2 style recompute backward.
+r"""The ``"cpu"`` backend of :func:`der.attention.block_sparse_attention`: bucketed gather + batched matmuls
+over the kept key blocks (Sec. 4 / App. E.4), with a FlashAttention-2 style recompute backward.
 
 Plan (cached per layout, N, block size, causal)
 -----------------------------------------------
@@ -14,19 +14,25 @@ order, so the only element-level masking ever needed sits in the **last** kept s
   the padded keys of that slot get ``-inf``. (Under ``causal`` only padded queries could see padded keys;
   they are dropped and get zero gradient, so no extra mask is needed.)
 
-Rows that keep nothing are in no bucket: their output and gradients are zeros.
+Rows that keep nothing are in no bucket: their output and gradients are zeros. A bucket whose rows form
+one contiguous range (every uniform layout) reads queries and writes outputs through slices (no copy).
 
-Forward (per bucket, per chunk of ``c`` rows sized to stay in cache; all temporaries are reused buffers)
-----------------------------------------------------------------------------------------------------------
-``kg, vg = K, V blocks gathered with index_select(out=)``;
-``S = baddbmm(bias, q, kgᵀ, alpha=scale)`` (scale and the key-padding bias fused into the matmul);
-``m = max S``, ``E = exp(S − m)`` in place, ``ℓ = Σ E``; ``O = (E vg) / ℓ`` (the division on the small
-``(bs, Dh)`` output, not on ``E``); the log-sum-exp ``L = m + log ℓ`` is saved, so the backward recomputes
-``P = exp(scale·q kgᵀ + bias − L)`` without a max or sum pass. A query with no allowed key (key padding)
-gets ``m = 0, ℓ = tiny``: output 0, ``P = 0`` in backward (zero gradient, never NaN).
+Forward (per bucket, per chunk of ``c`` rows sized to stay in cache; temporaries are reused buffers)
+------------------------------------------------------------------------------------------------------
+``kg, vg`` = the kept K, V blocks gathered with ``index_select(out=)``;
+``S = baddbmm(bias, q, kgᵀ, alpha=scale)`` (scale and the key-padding bias fused into the matmul, the tail
+mask added to the last slot); ``P = softmax(S)`` in place; ``O = P vg``. ``torch.softmax`` (one fused
+kernel with a fast vectorised exp) is cheaper on CPU than separate max / ``exp_`` / sum passes (``exp_``
+alone costs more than the whole softmax), so no log-sum-exp is kept: the backward recomputes ``P`` the
+same way. A query with no allowed key (all its keys padding) has an all ``-inf`` row: ``P = 0``, zero
+output and gradient, never NaN.
 
-Backward: ``δ = rowsum(dO ∘ O)``; ``dV_g = Pᵀ dO``, ``dS = P ∘ (dO vgᵀ − δ)``,
-``dQ = scale · dS kg``, ``dK_g = scale · dSᵀ q``; ``dK_g, dV_g`` are scattered back with ``index_add_``.
+Backward: ``δ = rowsum(dO ∘ O)`` once; per chunk ``dV_g = Pᵀ dO``, ``dS = P ∘ (dO vgᵀ − δ)``,
+``dQ = dS kg``, ``dK_g = dSᵀ q`` (``scale`` applied once to ``dQ, dK`` at the end); ``dK_g, dV_g`` are
+scattered back with ``index_add_``.
+
+Threads: one intra-op thread is the robust setting: per-chunk matmuls are small, and on a busy 2-core
+machine two OpenMP threads made this path several times slower (measured, issue 7).
 """
 
 from __future__ import annotations
@@ -40,16 +46,20 @@ import torch.nn.functional as F
 
 # Bytes of gathered key+value blocks per chunk (the score/probability buffer is about as large at Dh = bs).
 CHUNK_BYTES = 1 << 20
+# Most query blocks merged into one run (one gather, one (m·bs × K·bs) score matrix).
+MAX_RUN = 8
 
 
 @dataclass
 class _Bucket:
-    """Layout rows with ``K`` kept key blocks and one tail kind (0: none, 1: causal diagonal, 2: padding)."""
+    """Runs of ``m`` consecutive layout rows (query blocks of one head) with the same ``K`` kept key blocks
+    and one tail kind (0: none, 1: causal diagonal, 2: padding)."""
 
-    rows: torch.Tensor  # (n,) layout row ids (Bl*H*nb level)
-    idx: torch.Tensor  # (n, K) kept key-block ids of the layout rows, ascending (within the row's head)
+    rows: torch.Tensor  # (n,) first layout row id of each run (Bl*H*nb level)
+    idx: torch.Tensor  # (n, K) kept key-block ids of the runs, ascending (within the row's head)
     K: int
     tail: int
+    m: int
 
 
 @dataclass
@@ -66,9 +76,9 @@ class Plan:
 
     def expand(self, B: int, dtype: torch.dtype, Dh: int, bs: int) -> list[tuple]:
         """Per bucket at batch ``B``: ``(K, tail_bias, chunks)``; ``tail_bias`` a float ``0/-inf`` tensor or
-        None; ``chunks`` a list of ``(rows, c, ids)``: ``c`` query-block rows of the flattened ``(B*H*nb)``
-        blocks (a slice when contiguous, else an index tensor) and their ``(c*K,)`` key-block rows.
-        Memoised per (B, dtype, Dh, bs)."""
+        None; ``chunks`` a list of ``(rows, c, m, ids)``: ``c`` runs of ``m`` query blocks, ``rows`` their
+        ``c*m`` rows of the flattened ``(B*H*nb)`` blocks (a slice when contiguous, else an index tensor),
+        ``ids`` the ``(c*K,)`` key-block rows. Memoised per (B, dtype, Dh, bs)."""
         key = (B, dtype, Dh, bs)
         if key not in self._memo:
             out = []
@@ -76,13 +86,16 @@ class Plan:
             elsize = torch.empty((), dtype=dtype).element_size()
             for bk in self.buckets:
                 off = torch.arange(reps, device=bk.rows.device) * self.L
-                rows = (bk.rows[None, :] + off[:, None]).reshape(-1)
+                m = bk.m
+                starts = (bk.rows[None, :] + off[:, None]).reshape(-1)
+                rows = (starts[:, None] + torch.arange(m, device=starts.device)).reshape(-1)
                 idx = (bk.idx[None] + off[:, None, None]).reshape(-1, bk.K)
-                n = rows.numel()
-                run = bool((rows == torch.arange(n, device=rows.device) + rows[0]).all())
-                c = max(1, CHUNK_BYTES // (2 * bk.K * bs * Dh * elsize))
-                chunks = [(slice(int(rows[c0]), int(rows[c0]) + min(c, n - c0)) if run else rows[c0:c0 + c],
-                           min(c, n - c0), idx[c0:c0 + c].reshape(-1)) for c0 in range(0, n, c)]
+                n = starts.numel()
+                run = bool((rows == torch.arange(n * m, device=rows.device) + rows[0]).all())
+                c = max(1, CHUNK_BYTES // (bk.K * bs * elsize * (2 * Dh + (m - 1) * bs)))
+                chunks = [(slice(int(rows[c0 * m]), int(rows[c0 * m]) + min(c, n - c0) * m) if run
+                           else rows[c0 * m:(c0 + c) * m], min(c, n - c0), m, idx[c0:c0 + c].reshape(-1))
+                          for c0 in range(0, n, c)]
                 tail = None
                 if bk.tail:
                     tail = torch.zeros(self.tails[bk.tail].shape, dtype=dtype, device=bk.idx.device)
@@ -114,12 +127,21 @@ def make_plan(layout: torch.Tensor, block_size: int, n: int, causal: bool) -> Pl
         tail[last == nb - 1] = 2
         tails[2] = (torch.arange(bs, device=dev) < n - (nb - 1) * bs)[None, :]
     base = torch.arange(L, device=dev) // nb * nb  # first key block of the row's (batch, head)
+    # runs: consecutive query blocks of one head with the same kept set share one gather and one matmul
+    # (not across a causal diagonal tail); at most MAX_RUN query blocks per run
+    same = torch.zeros(L, dtype=torch.bool, device=dev)
+    same[1:] = (lay[1:] == lay[:-1]).all(-1) & (qblock[1:] != 0) & (tail[1:] == tail[:-1]) & (tail[1:] != 1)
+    run_start = torch.cummax(torch.where(same, 0, torch.arange(L, device=dev)), 0).values
+    start = (torch.arange(L, device=dev) - run_start) % MAX_RUN == 0
+    starts = torch.nonzero(start)[:, 0]
+    length = torch.diff(starts, append=torch.tensor([L], device=dev))
     buckets = []
-    for K, t in sorted({(int(c), int(tk)) for c, tk in zip(counts.tolist(), tail.tolist(), strict=True)}):
+    keys = zip(counts[starts].tolist(), tail[starts].tolist(), length.tolist(), strict=True)
+    for K, t, m in sorted(set(keys)):
         if K == 0:
             continue
-        rows = torch.nonzero((counts == K) & (tail == t))[:, 0]
-        buckets.append(_Bucket(rows=rows, idx=order[rows, :K] + base[rows, None], K=K, tail=t))
+        sel = starts[(counts[starts] == K) & (tail[starts] == t) & (length == m)]
+        buckets.append(_Bucket(rows=sel, idx=order[sel, :K] + base[sel, None], K=K, tail=t, m=m))
     return Plan(buckets=buckets, L=L, nb=nb, H=H, has_empty=bool((counts == 0).any()), tails=tails)
 
 
@@ -151,10 +173,25 @@ def _scratch(like: torch.Tensor) -> _Buffers:
     return pool[key]
 
 
-def _take(t: torch.Tensor, r, buf: _Buffers, name: str) -> torch.Tensor:
+def _take(t: torch.Tensor, r, buf: _Buffers, name: str, c: int) -> torch.Tensor:
+    """Rows ``r`` (slice or index tensor of ``c*m`` blocks) of ``t (R, bs, d)`` as ``(c, m*bs, d)``."""
     if isinstance(r, slice):
-        return t[r]
-    return torch.index_select(t, 0, r, out=buf.get(name, r.numel(), *t.shape[1:]))
+        sub = t[r]
+    else:
+        sub = torch.index_select(t, 0, r, out=buf.get(name, r.numel(), *t.shape[1:]))
+    return sub.view(c, -1, t.shape[-1])
+
+
+def _dest(t: torch.Tensor, r, buf: _Buffers, c: int, rows: int) -> torch.Tensor:
+    """Where a chunk's ``(c, rows, d)`` result goes: straight into ``t`` for a slice, else a buffer."""
+    if isinstance(r, slice):
+        return t[r].view(c, rows, t.shape[-1])
+    return buf.get("o", c, rows, t.shape[-1])
+
+
+def _put(t: torch.Tensor, r, res: torch.Tensor) -> None:
+    if not isinstance(r, slice):
+        t.index_copy_(0, r, res.view(-1, *t.shape[1:]))
 
 
 def _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs):
@@ -164,7 +201,7 @@ def _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs):
     the backward recomputes it too instead of ``exp(S - logsumexp)``."""
     Dh = qc.shape[-1]
     kg = torch.index_select(kf, 0, ids, out=buf.get("k", c * K, bs, Dh)).view(c, K * bs, Dh)
-    s = buf.get("s", c, bs, K * bs)
+    s = buf.get("s", c, qc.shape[1], K * bs)
     bias = bias_fn(ids, c) if bias_fn is not None else None
     if bias is None:
         torch.baddbmm(s, qc, kg.transpose(1, 2), beta=0.0, alpha=scale, out=s)
@@ -175,7 +212,7 @@ def _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs):
     if bias is None:
         return torch._softmax(s, -1, False, out=s), kg
     # key padding: a query may lose every key ("dead": all -inf) → p = 0, zero output and gradient
-    dead = torch.amax(s, -1, keepdim=True, out=buf.get("m", c, bs, 1)) == float("-inf")
+    dead = torch.amax(s, -1, keepdim=True, out=buf.get("m", c, qc.shape[1], 1)) == float("-inf")
     return torch._softmax(s, -1, False, out=s).masked_fill_(dead, 0.0), kg
 
 
@@ -189,13 +226,10 @@ class BlockSparseCPU(torch.autograd.Function):
         out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
         bias_fn = _bias_fn(kbias, buf)
         for K, tail, chunks in plan_b:
-            for r, c, ids in chunks:
-                p, _ = _probs(_take(qb, r, buf, "q"), kf, ids, bias_fn, tail, scale, buf, c, K, bs)
+            for r, c, m, ids in chunks:
+                p, _ = _probs(_take(qb, r, buf, "q", c), kf, ids, bias_fn, tail, scale, buf, c, K, bs)
                 vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
-                if isinstance(r, slice):
-                    torch.bmm(p, vg, out=out[r])
-                else:
-                    out.index_copy_(0, r, torch.bmm(p, vg, out=buf.get("o", c, bs, Dh)))
+                _put(out, r, torch.bmm(p, vg, out=_dest(out, r, buf, c, m * bs)))
         ctx.save_for_backward(qb, kf, vf, out, kbias)
         ctx.plan_b, ctx.scale = plan_b, scale
         return out
@@ -213,19 +247,16 @@ class BlockSparseCPU(torch.autograd.Function):
         dv = torch.zeros_like(vf)
         bias_fn = _bias_fn(kbias, buf)
         for K, tail, chunks in plan_b:
-            for r, c, ids in chunks:
-                qc = _take(qb, r, buf, "q")
+            for r, c, m, ids in chunks:
+                qc = _take(qb, r, buf, "q", c)
                 p, kg = _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs)
-                do = _take(dout, r, buf, "do")
+                do = _take(dout, r, buf, "do", c)
                 g = buf.get("g", c, K * bs, Dh)
                 dv.index_add_(0, ids, torch.bmm(p.transpose(1, 2), do, out=g).view(-1, bs, Dh))
                 vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
-                dp = torch.bmm(do, vg.transpose(1, 2), out=buf.get("dp", c, bs, K * bs))
-                ds = dp.sub_(_take(delta, r, buf, "delta")).mul_(p)
-                if isinstance(r, slice):
-                    torch.bmm(ds, kg, out=dq[r])
-                else:
-                    dq.index_copy_(0, r, torch.bmm(ds, kg, out=buf.get("o", c, bs, Dh)))
+                dp = torch.bmm(do, vg.transpose(1, 2), out=buf.get("dp", c, m * bs, K * bs))
+                ds = dp.sub_(_take(delta, r, buf, "delta", c)).mul_(p)
+                _put(dq, r, torch.bmm(ds, kg, out=_dest(dq, r, buf, c, m * bs)))
                 dk.index_add_(0, ids, torch.bmm(ds.transpose(1, 2), qc, out=g).view(-1, bs, Dh))
         return dq.mul_(scale), dk.mul_(scale), dv, None, None, None, None
 

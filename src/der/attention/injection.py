@@ -10,8 +10,8 @@ The keys of each attention head are the point set :math:`S` of Eq. 2–3; each (
   step (no DDP "unused parameter" error);
 * a forward hook on each matched key module reads the keys ``(B, H, N, Dh)`` (see
   :mod:`der.attention.config` for the per-architecture readers) and computes this forward's
-  :math:`H_\text{diff}` per sequence and head with :func:`der.functional.anchor_entropy` (padding tokens
-  from a 2-D ``attention_mask`` keyword are excluded);
+  :math:`H_\text{diff}` per sequence and head (:func:`der.attention._hdiff.key_entropy`, equal to
+  :func:`der.functional.anchor_entropy`; padding tokens from a 2-D ``attention_mask`` keyword are excluded);
 * ``handle.entropy()`` → ``(L, H)`` (mean over the batch), ``handle.loss()`` → λ·mean H;
 * ``with handle.calibrate():`` accumulates per-position soft assignments used by
   :mod:`der.attention.layouts` for static layouts;
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from der import functional as DF
+from der.attention._hdiff import key_entropy
 from der.attention.config import ARCH_DEFAULTS, DERConfig, detect_architecture, infer_seq_len
 
 HANDLE_ATTR = "_der_handle"
@@ -300,7 +301,7 @@ class DERHandle:
     def _compute_pending(self) -> None:
         """H_diff (B, H) for every layer whose keys were captured in this forward (Eq. 2–3).
 
-        ``sqeuclidean`` (the default) runs :func:`_key_entropy`, one short chain of kernels per layer laid out
+        ``sqeuclidean`` (the default) runs :func:`der.attention._hdiff.key_entropy`, one short chain of kernels per layer laid out
         for tiny ``k``; other metrics call :func:`der.functional.anchor_entropy` (or ``soft_assign`` under
         key padding).
         """
@@ -310,7 +311,7 @@ class DERHandle:
                 continue
             x, a, mask = s.pending, s.anchors.anchors, s.key_mask
             if metric == "sqeuclidean":
-                s.entropy = _key_entropy(x, a, alpha, mask)
+                s.entropy = key_entropy(x, a, alpha, mask)
             elif mask is None:
                 s.entropy = DF.anchor_entropy(x, a, alpha=alpha, metric=metric)
             else:
@@ -415,48 +416,6 @@ class DERHandle:
         k = self.sites[0].anchors.anchors.shape[1] if self.sites else 0
         return f"DERHandle(arch={self.arch!r}, layers={len(self.sites)}, k={k}, lam={self.lam}, alpha={self.alpha})"
 
-
-
-class _AnchorLogits(torch.autograd.Function):
-    """``baddbmm(bias, W, xT)`` whose input gradient comes out token-major: ``dx = (dLᵀ W)ᵀ`` is a view of a
-    contiguous ``(H, B·N, Dh)`` tensor, so adding it to the key projection's gradient (``(B, N, H·Dh)``)
-    runs over contiguous ``Dh`` rows instead of a transposing element-wise add."""
-
-    @staticmethod
-    def forward(ctx, xT, w, b):
-        ctx.save_for_backward(xT, w)
-        return torch.baddbmm(b, w, xT)
-
-    @staticmethod
-    def backward(ctx, g):
-        xT, w = ctx.saved_tensors
-        gx = torch.bmm(g.transpose(1, 2), w).transpose(1, 2) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(g, xT.transpose(1, 2)) if ctx.needs_input_grad[1] else None
-        return gx, gw, g.sum(-1, keepdim=True)
-
-
-def _key_entropy(keys: torch.Tensor, anchors: torch.Tensor, alpha: float, mask: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    r"""Per-sequence, per-head :math:`H_\text{diff}` ``(B, H)`` of keys ``(B, H, N, Dh)`` with per-head
-    anchors ``(H, k, Dh)`` (Eq. 2–3, ``sqeuclidean``), optionally over the tokens with ``mask (B, N)`` True.
-
-    Same value as :func:`der.functional.anchor_entropy`, laid out for the training hook: the logits
-    :math:`-\alpha\|x-c_j\|^2 + \text{const} = 2\alpha\,x\cdot c'_j - \alpha\|c'_j\|^2 - 2\alpha\,s\cdot c'_j`
-    (:math:`c' = c - s`, :math:`s` the detached anchor mean: no cancellation for keys far from the
-    origin) are computed as ``(H, k, B·N)`` by one ``baddbmm`` that reads the key projection's
-    ``(B, N, H·Dh)`` output in place (no copy), and the softmax runs over ``k`` along the contiguous
-    token axis (a last-dim softmax over ``k ≈ 10`` is ~10× slower on CPU)."""
-    B, H, N, D = keys.shape
-    k = anchors.shape[-2]
-    keys = keys.to(anchors.dtype)
-    shift = anchors.detach().mean(-2, keepdim=True)
-    c = anchors - shift
-    bias = (c * (c + 2.0 * shift)).sum(-1, keepdim=True).mul(-alpha)  # (H, k, 1)
-    xT = keys.permute(1, 3, 0, 2).reshape(H, D, B * N)
-    p = torch.softmax(_AnchorLogits.apply(xT, c.mul(2.0 * alpha), bias), 1)
-    if mask is not None:
-        p = p * mask.reshape(1, 1, B * N).to(p.dtype)
-    return DF.entropy_from_counts(p.view(H, k, B, N).sum(-1).permute(2, 0, 1))
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module:

@@ -12,14 +12,13 @@ The frozen per-head block supports of Sec. 4 / App. E.4 turn dense :math:`O(N^2 
 
 Backends
 --------
-``"cpu"``  (ours; runs on any device, trains): for every (batch, head, query block) the kept key blocks are
-    gathered (rows with fewer kept blocks are padded to the row maximum and masked with ``-inf``), then
-    scores / softmax / values are batched matmuls over chunks of query blocks that fit in cache. A custom
-    ``autograd.Function`` saves only ``q, k, v`` (and the gather indices) and recomputes the gathered
-    blocks and probabilities in backward (FlashAttention-style recompute), so memory stays :math:`O(N d)`
-    plus one chunk. Speed vs dense SDPA at 75% block sparsity: benchmarks/results/attention_kernel.json
-    (``der bench attention-kernel``); the cost of the gather copy and the separate softmax pass keeps it
-    below the ideal 4×.
+``"cpu"``  (ours; runs on any device, trains): :mod:`der.attention._cpu_kernel`. Rows of the layout are
+    bucketed by their number of kept key blocks (no padding to the longest row), the kept key/value blocks
+    of a chunk of query blocks are gathered into reused buffers, then scores (scale fused), softmax and
+    values are batched matmuls. A custom ``autograd.Function`` saves ``q, k, v`` and the output and
+    recomputes the probabilities in backward (FlashAttention-style), so memory stays :math:`O(N d)` plus
+    one chunk. Speed vs dense SDPA at 75% block sparsity: benchmarks/results/attention_kernel.json
+    (``der bench attention-kernel``).
 ``"flex"``  ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built by
     ``BlockMask.from_kv_blocks``; compiled once with ``torch.compile`` (automatic dynamic shapes: one
     static and one dynamic-shape compile serve all N). Block masks are cached on (layout bytes, N, block
