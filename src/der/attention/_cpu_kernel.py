@@ -27,8 +27,8 @@ alone costs more than the whole softmax), so no log-sum-exp is kept: the backwar
 same way. A query with no allowed key (all its keys padding) has an all ``-inf`` row: ``P = 0``, zero
 output and gradient, never NaN.
 
-Backward: ``δ = rowsum(dO ∘ O)`` once; per chunk ``dV_g = Pᵀ dO``, ``dS = P ∘ (dO vgᵀ − δ)``,
-``dQ = dS kg``, ``dK_g = dSᵀ q`` (``scale`` applied once to ``dQ, dK`` at the end); ``dK_g, dV_g`` are
+Backward, per chunk: ``δ = rowsum(dO ∘ O)``, ``dV_g = Pᵀ dO``, ``dS = P ∘ (dO vgᵀ − δ)``,
+``dQ = scale · dS kg``, ``dK_g = scale · dSᵀ q`` (scale fused into ``baddbmm``); ``dK_g, dV_g`` are
 scattered back with ``index_add_``.
 
 Threads: one intra-op thread is the robust setting: per-chunk matmuls are small, and on a busy 2-core
@@ -231,7 +231,7 @@ class BlockSparseCPU(torch.autograd.Function):
                 vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
                 _put(out, r, torch.bmm(p, vg, out=_dest(out, r, buf, c, m * bs)))
         ctx.save_for_backward(qb, kf, vf, out, kbias)
-        ctx.plan_b, ctx.scale = plan_b, scale
+        ctx.plan_b, ctx.scale, ctx.has_empty = plan_b, scale, has_empty
         return out
 
     @staticmethod
@@ -241,8 +241,7 @@ class BlockSparseCPU(torch.autograd.Function):
         R, bs, Dh = qb.shape
         dout = dout.contiguous()
         buf = _scratch(qb)
-        delta = (dout * out).sum(-1, keepdim=True)  # δ = rowsum(dO ∘ O) = rowsum(dP ∘ P)
-        dq = torch.zeros_like(qb)
+        dq = torch.zeros_like(qb) if ctx.has_empty else torch.empty_like(qb)
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
         bias_fn = _bias_fn(kbias, buf)
@@ -255,10 +254,16 @@ class BlockSparseCPU(torch.autograd.Function):
                 dv.index_add_(0, ids, torch.bmm(p.transpose(1, 2), do, out=g).view(-1, bs, Dh))
                 vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
                 dp = torch.bmm(do, vg.transpose(1, 2), out=buf.get("dp", c, m * bs, K * bs))
-                ds = dp.sub_(_take(delta, r, buf, "delta", c)).mul_(p)
-                _put(dq, r, torch.bmm(ds, kg, out=_dest(dq, r, buf, c, m * bs)))
-                dk.index_add_(0, ids, torch.bmm(ds.transpose(1, 2), qc, out=g).view(-1, bs, Dh))
-        return dq.mul_(scale), dk.mul_(scale), dv, None, None, None, None
+                # δ = rowsum(dO ∘ O) = rowsum(dP ∘ P), per chunk (in cache)
+                oc = _take(out, r, buf, "oc", c)
+                delta = torch.sum(torch.mul(do, oc, out=buf.get("prod", *do.shape)), -1, keepdim=True,
+                                  out=buf.get("delta", c, m * bs, 1))
+                ds = dp.sub_(delta).mul_(p)
+                dqc = _dest(dq, r, buf, c, m * bs)
+                _put(dq, r, torch.baddbmm(dqc, ds, kg, beta=0.0, alpha=scale, out=dqc))
+                dkg = torch.baddbmm(g, ds.transpose(1, 2), qc, beta=0.0, alpha=scale, out=g)
+                dk.index_add_(0, ids, dkg.view(-1, bs, Dh))
+        return dq, dk, dv, None, None, None, None
 
 
 def _bias_fn(kbias: torch.Tensor | None, buf: _Buffers):
