@@ -264,13 +264,14 @@ def test_runs_of_identical_rows_and_uneven_rows_match_reference(causal):
     kpm = torch.ones(B, N, dtype=torch.bool)
     kpm[1, :20] = False
     w = torch.randn(B, H, N, Dh, dtype=torch.float64)
-    ref = _naive(q, k, v, lay, bs, causal, kpm=kpm)
-    ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    out = block_sparse_attention(q, k, v, lay, bs, causal=causal, backend="cpu", key_padding_mask=kpm)
-    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
-    for g, r in zip(grads, ref_g, strict=True):
-        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
-    plan = kernels._cpu_kernel.make_plan(lay, bs, N, causal)
+    for layout in (lay, lay[:, :1].expand_as(lay).clone()):  # mixed heads; every head merged into runs
+        ref = _naive(q, k, v, layout, bs, causal, kpm=kpm)
+        ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        out = block_sparse_attention(q, k, v, layout, bs, causal=causal, backend="cpu", key_padding_mask=kpm)
+        grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+        for g, r in zip(grads, ref_g, strict=True):
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+    plan = kernels._cpu_kernel.make_plan(lay[:, :1], bs, N, causal)  # head 0 alone: merges pay off
     assert max(b.m for b in plan.buckets) == kernels._cpu_kernel.MAX_RUN
     assert all(b.m == 1 for b in plan.buckets if b.tail == 1)  # causal diagonal rows are never merged

@@ -46,7 +46,9 @@ import torch.nn.functional as F
 
 # Bytes of gathered key+value blocks per chunk (the score/probability buffer is about as large at Dh = bs).
 CHUNK_BYTES = 1 << 20
-# Most query blocks merged into one run (one gather, one (m·bs × K·bs) score matrix).
+# Most query blocks merged into one run (one gather, one (m·bs × K·bs) score matrix). Runs are used only
+# when they at least halve the number of rows: otherwise bucketing by run length would split contiguous
+# buckets and cost a gather of q and a scatter of the output per row.
 MAX_RUN = 8
 
 
@@ -133,6 +135,8 @@ def make_plan(layout: torch.Tensor, block_size: int, n: int, causal: bool) -> Pl
     same[1:] = (lay[1:] == lay[:-1]).all(-1) & (qblock[1:] != 0) & (tail[1:] == tail[:-1]) & (tail[1:] != 1)
     run_start = torch.cummax(torch.where(same, 0, torch.arange(L, device=dev)), 0).values
     start = (torch.arange(L, device=dev) - run_start) % MAX_RUN == 0
+    if int(start.sum()) > L // 2:  # few merges: not worth splitting one contiguous bucket (copies of q, out)
+        start = torch.ones(L, dtype=torch.bool, device=dev)
     starts = torch.nonzero(start)[:, 0]
     length = torch.diff(starts, append=torch.tensor([L], device=dev))
     buckets = []
