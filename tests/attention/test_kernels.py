@@ -275,3 +275,13 @@ def test_runs_of_identical_rows_and_uneven_rows_match_reference(causal):
     plan = kernels._cpu_kernel.make_plan(lay[:, :1], bs, N, causal)  # head 0 alone: merges pay off
     assert max(b.m for b in plan.buckets) == kernels._cpu_kernel.MAX_RUN
     assert all(b.m == 1 for b in plan.buckets if b.tail == 1)  # causal diagonal rows are never merged
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 40])
+def test_backward_recompute_and_kept_probabilities_agree(monkeypatch, keep_bytes):
+    """Backward with probabilities recomputed (large problems) and kept from forward (small ones)."""
+    monkeypatch.setattr(kernels._cpu_kernel, "KEEP_P_BYTES", keep_bytes)
+    for causal in (False, True):
+        test_runs_of_identical_rows_and_uneven_rows_match_reference(causal)
+        test_cpu_and_dense_match_naive_float64(2, 2, 2, 200, 16, 32, causal)
+    test_gradcheck_custom_backward()

@@ -27,7 +27,8 @@ alone costs more than the whole softmax), so no log-sum-exp is kept: the backwar
 same way. A query with no allowed key (all its keys padding) has an all ``-inf`` row: ``P = 0``, zero
 output and gradient, never NaN.
 
-Backward, per chunk: ``δ = rowsum(dO ∘ O)``, ``dV_g = Pᵀ dO``, ``dS = P ∘ (dO vgᵀ − δ)``,
+Backward, per chunk (``P`` recomputed, or kept from forward when all probabilities take at most
+``KEEP_P_BYTES``; 1 of the 5 backward matmuls and the softmax saved): ``δ = rowsum(dO ∘ O)``, ``dV_g = Pᵀ dO``, ``dS = P ∘ (dO vgᵀ − δ)``,
 ``dQ = scale · dS kg``, ``dK_g = scale · dSᵀ q`` (scale fused into ``baddbmm``); ``dK_g, dV_g`` are
 scattered back with ``index_add_``.
 
@@ -46,6 +47,9 @@ import torch.nn.functional as F
 
 # Bytes of gathered key+value blocks per chunk (the score/probability buffer is about as large at Dh = bs).
 CHUNK_BYTES = 1 << 20
+# Training: the probabilities are kept from forward (no score matmul, no softmax in backward) when all of
+# them fit in this many bytes; larger problems recompute them (memory O(N·Dh) plus one chunk).
+KEEP_P_BYTES = 32 << 20
 # Most query blocks merged into one run (one gather, one (m·bs × K·bs) score matrix). Runs are used only
 # when they at least halve the number of rows: otherwise bucketing by run length would split contiguous
 # buckets and cost a gather of q and a scatter of the output per row.
@@ -78,12 +82,13 @@ class Plan:
 
     def expand(self, B: int, dtype: torch.dtype, Dh: int, bs: int) -> list[tuple]:
         """Per bucket at batch ``B``: ``(K, tail_bias, chunks)``; ``tail_bias`` a float ``0/-inf`` tensor or
-        None; ``chunks`` a list of ``(rows, c, m, ids)``: ``c`` runs of ``m`` query blocks, ``rows`` their
-        ``c*m`` rows of the flattened ``(B*H*nb)`` blocks (a slice when contiguous, else an index tensor),
-        ``ids`` the ``(c*K,)`` key-block rows. Memoised per (B, dtype, Dh, bs)."""
+        None; ``chunks`` a list of ``(rows, c, m, ids, p_off)``: ``c`` runs of ``m`` query blocks, ``rows``
+        their ``c*m`` rows of the flattened ``(B*H*nb)`` blocks (a slice when contiguous, else an index
+        tensor), ``ids`` the ``(c*K,)`` key-block rows, ``p_off`` the chunk's offset in a flat store of all
+        probabilities; and the store's size. Memoised per (B, dtype, Dh, bs)."""
         key = (B, dtype, Dh, bs)
         if key not in self._memo:
-            out = []
+            out, p_numel = [], 0
             reps = B * self.H * self.nb // self.L  # 1 for per-batch layouts, B for a shared one
             elsize = torch.empty((), dtype=dtype).element_size()
             for bk in self.buckets:
@@ -96,14 +101,15 @@ class Plan:
                 run = bool((rows == torch.arange(n * m, device=rows.device) + rows[0]).all())
                 c = max(1, CHUNK_BYTES // (bk.K * bs * elsize * (2 * Dh + (m - 1) * bs)))
                 chunks = [(slice(int(rows[c0 * m]), int(rows[c0 * m]) + min(c, n - c0) * m) if run
-                           else rows[c0 * m:(c0 + c) * m], min(c, n - c0), m, idx[c0:c0 + c].reshape(-1))
-                          for c0 in range(0, n, c)]
+                           else rows[c0 * m:(c0 + c) * m], min(c, n - c0), m, idx[c0:c0 + c].reshape(-1),
+                           p_numel + c0 * m * bs * bk.K * bs) for c0 in range(0, n, c)]
+                p_numel += n * m * bs * bk.K * bs
                 tail = None
                 if bk.tail:
                     tail = torch.zeros(self.tails[bk.tail].shape, dtype=dtype, device=bk.idx.device)
                     tail.masked_fill_(~self.tails[bk.tail], float("-inf"))
                 out.append((bk.K, tail, chunks))
-            self._memo[key] = out
+            self._memo[key] = (out, p_numel)
         return self._memo[key]
 
 
@@ -198,14 +204,15 @@ def _put(t: torch.Tensor, r, res: torch.Tensor) -> None:
         t.index_copy_(0, r, res.view(-1, *t.shape[1:]))
 
 
-def _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs):
-    """Softmax probabilities ``(c, bs, K*bs)`` of one chunk (in a reused buffer) and the gathered key blocks.
+def _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs, s=None):
+    """Softmax probabilities ``(c, m*bs, K*bs)`` of one chunk (in ``s`` or a reused buffer) and the gathered
+    key blocks.
 
     ``torch.softmax`` (fused, with its fast vectorised exp) beats separate max / exp / sum passes on CPU, so
     the backward recomputes it too instead of ``exp(S - logsumexp)``."""
     Dh = qc.shape[-1]
     kg = torch.index_select(kf, 0, ids, out=buf.get("k", c * K, bs, Dh)).view(c, K * bs, Dh)
-    s = buf.get("s", c, qc.shape[1], K * bs)
+    s = buf.get("s", c, qc.shape[1], K * bs) if s is None else s
     bias = bias_fn(ids, c) if bias_fn is not None else None
     if bias is None:
         torch.baddbmm(s, qc, kg.transpose(1, 2), beta=0.0, alpha=scale, out=s)
@@ -224,18 +231,21 @@ class BlockSparseCPU(torch.autograd.Function):
     """Bucketed block-sparse attention over ``(R, bs, Dh)`` blocks (R = B*H*nb); see module docstring."""
 
     @staticmethod
-    def forward(ctx, qb, kf, vf, plan_b, kbias, scale, has_empty):
+    def forward(ctx, qb, kf, vf, plan_b, kbias, scale, has_empty, keep_p):
         R, bs, Dh = qb.shape
         buf = _scratch(qb)
         out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
         bias_fn = _bias_fn(kbias, buf)
+        plan_b, p_numel = plan_b
+        store = qb.new_empty(p_numel) if keep_p else None
         for K, tail, chunks in plan_b:
-            for r, c, m, ids in chunks:
-                p, _ = _probs(_take(qb, r, buf, "q", c), kf, ids, bias_fn, tail, scale, buf, c, K, bs)
+            for r, c, m, ids, off in chunks:
+                dst = None if store is None else store[off:off + c * m * bs * K * bs].view(c, m * bs, K * bs)
+                p, _ = _probs(_take(qb, r, buf, "q", c), kf, ids, bias_fn, tail, scale, buf, c, K, bs, dst)
                 vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
                 _put(out, r, torch.bmm(p, vg, out=_dest(out, r, buf, c, m * bs)))
         ctx.save_for_backward(qb, kf, vf, out, kbias)
-        ctx.plan_b, ctx.scale, ctx.has_empty = plan_b, scale, has_empty
+        ctx.plan_b, ctx.scale, ctx.has_empty, ctx.store = plan_b, scale, has_empty, store
         return out
 
     @staticmethod
@@ -249,10 +259,15 @@ class BlockSparseCPU(torch.autograd.Function):
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
         bias_fn = _bias_fn(kbias, buf)
+        store = ctx.store
         for K, tail, chunks in plan_b:
-            for r, c, m, ids in chunks:
+            for r, c, m, ids, off in chunks:
                 qc = _take(qb, r, buf, "q", c)
-                p, kg = _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs)
+                if store is None:
+                    p, kg = _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs)
+                else:  # probabilities kept from forward: no score matmul, no softmax
+                    p = store[off:off + c * m * bs * K * bs].view(c, m * bs, K * bs)
+                    kg = torch.index_select(kf, 0, ids, out=buf.get("k", c * K, bs, Dh)).view(c, K * bs, Dh)
                 do = _take(dout, r, buf, "do", c)
                 g = buf.get("g", c, K * bs, Dh)
                 dv.index_add_(0, ids, torch.bmm(p.transpose(1, 2), do, out=g).view(-1, bs, Dh))
@@ -267,7 +282,7 @@ class BlockSparseCPU(torch.autograd.Function):
                 _put(dq, r, torch.baddbmm(dqc, ds, kg, beta=0.0, alpha=scale, out=dqc))
                 dkg = torch.baddbmm(g, ds.transpose(1, 2), qc, beta=0.0, alpha=scale, out=g)
                 dk.index_add_(0, ids, dkg.view(-1, bs, Dh))
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _bias_fn(kbias: torch.Tensor | None, buf: _Buffers):
@@ -296,5 +311,7 @@ def attention(q, k, v, plan: Plan, block_size: int, scale: float, key_padding_ma
         kbias.masked_fill_(~kpm, float("-inf"))
         kbias = kbias.view(R, block_size)
     plan_b = plan.expand(B, q.dtype, Dh, block_size)
-    out = BlockSparseCPU.apply(blocks(q), blocks(k), blocks(v), plan_b, kbias, scale, plan.has_empty)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    keep_p = grad and plan_b[1] * q.element_size() <= KEEP_P_BYTES
+    out = BlockSparseCPU.apply(blocks(q), blocks(k), blocks(v), plan_b, kbias, scale, plan.has_empty, keep_p)
     return out.view(B, H, npad, Dh)[:, :, :N]
