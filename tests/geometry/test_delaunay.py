@@ -208,3 +208,14 @@ def test_property_integer_sets_random_order(P, seed):
     if len(tri):
         _exact_valid(P, tri)
         assert len(tri) == len(delaunay(P, "sweep"))
+
+
+def test_sweep_dense_circle_counts():
+    """20k points on a circle (every flip touches the hull; many near-ties): a triangulation of
+    all points with the Euler count for its exact hull."""
+    from der.geometry import convex_hull
+
+    P = data.circle(20_000, seed=3)
+    tri = delaunay(P)
+    assert len(np.unique(tri)) == len(P)
+    assert len(tri) == 2 * len(P) - 2 - len(convex_hull(P))

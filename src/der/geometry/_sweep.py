@@ -82,7 +82,9 @@ def _legalize(X, Y, tri, he, hull_prev, hull_tri, hull_start, stack, a) -> int:
             tri[a] = p1
             tri[b] = p0
             hbl = he[bl]
-            if hbl == -1:  # the flipped edge's outer neighbour is a hull edge: fix its reference
+            if hbl == -1 and hull_tri[tri[bl]] == bl:  # a hull edge moves from bl to a: O(1) fix
+                hull_tri[tri[bl]] = a
+            elif hbl == -1:  # (Delaunator's scan; the O(1) test above finds it in practice)
                 e = hull_start
                 while True:
                     if hull_tri[e] == bl:
