@@ -16,7 +16,7 @@ Methods:
   by a power of two (exact); the predicates stay exact unless coordinate differences are below ~2^-240
   times the largest coordinate.
 * ``"qhull"`` -- ``scipy.spatial.Delaunay`` on the input as given.
-* ``"ordered"`` -- the same engine on the points reordered along a Morton (Z-order)
+* ``"ordered"`` -- QHull on the points reordered along a Morton (Z-order)
   curve: QHull inserts points in input order and locates each new point by walking from recently
   created facets, so spatially coherent insertion shortens the walks and improves cache locality;
   the triangulation is the same (the Delaunay triangulation is unique up to cocircular ties). The
