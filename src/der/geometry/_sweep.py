@@ -157,6 +157,7 @@ def _insert_inside(X, Y, tri, he, tlen, hull_next, hull_prev, hull_tri, hull_has
         return tlen  # p coincides with a vertex: exact duplicate
     outer = np.empty(6, dtype=np.int64)
     no = 0
+    on_hull = False
     if zeros == 0:  # split (a, b, c) into (a, b, p), (b, c, p), (c, a, p)
         a, b, c = tri[t], tri[t + 1], tri[t + 2]
         o1, o2 = he[t + 1], he[t + 2]
@@ -185,6 +186,7 @@ def _insert_inside(X, Y, tri, he, tlen, hull_next, hull_prev, hull_tri, hull_has
             _link(he, t, -1)
             _link(he, s1, -1)
             hull_tri[a], hull_tri[p] = t, s1
+            on_hull = True
             hull_hash[_hash_key(X[p], Y[p], cx, cy, hull_hash.shape[0])] = p
         else:  # twin (b, a, d): (b, p, d) in its slot, (p, a, d) new
             u = o - o % 3
@@ -202,7 +204,11 @@ def _insert_inside(X, Y, tri, he, tlen, hull_next, hull_prev, hull_tri, hull_has
         if he[outer[k]] == -1:
             hull_tri[tri[outer[k]]] = outer[k]
     for k in range(no):
-        _legalize(X, Y, tri, he, hull_prev, hull_tri, hull_start, stack, outer[k])
+        r = _legalize(X, Y, tri, he, hull_prev, hull_tri, hull_start, stack, outer[k])
+        if k == 1 and on_hull:
+            # p joined the hull: flips opposite p move its hull edge p -> b, which legalize
+            # tracks and returns (as in Delaunator's sweep step)
+            hull_tri[p] = r
     return tlen
 
 
