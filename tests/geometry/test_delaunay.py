@@ -219,3 +219,10 @@ def test_sweep_dense_circle_counts():
     tri = delaunay(P)
     assert len(np.unique(tri)) == len(P)
     assert len(tri) == 2 * len(P) - 2 - len(convex_hull(P))
+
+
+def test_sweep_hull_edge_split_regression():
+    """A point inserted on a hull edge, then flips: its hull edge must stay tracked."""
+    P = np.array([[-1, -3], [2, -3], [0, -3], [-3, -3], [-3, -4], [-2, -3], [-3, 2], [1, -3], [1, 0], [-3, 1]], float)
+    tri = _sweep_in_order(P, np.array([8, 9, 3, 2, 4, 1, 7, 0, 6, 5]))
+    _exact_valid(P, tri)
