@@ -10,7 +10,7 @@ The keys of each attention head are the point set :math:`S` of Eq. 2–3; each (
   step (no DDP "unused parameter" error);
 * a forward hook on each matched key module reads the keys ``(B, H, N, Dh)`` (see
   :mod:`der.attention.config` for the per-architecture readers) and computes this forward's
-  :math:`H_\text{diff}` per sequence and head (:func:`der.attention._hdiff.key_entropy`, equal to
+  :math:`H_\text{diff}` per sequence and head (:func:`der.attention._hdiff.key_entropy_layers`, equal to
   :func:`der.functional.anchor_entropy`; padding tokens from a 2-D ``attention_mask`` keyword are excluded);
 * ``handle.entropy()`` → ``(L, H)`` (mean over the batch), ``handle.loss()`` → λ·mean H;
 * ``with handle.calibrate():`` accumulates per-position soft assignments used by
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from der import functional as DF
-from der.attention._hdiff import key_entropy
+from der.attention._hdiff import key_entropy_layers
 from der.attention.config import ARCH_DEFAULTS, DERConfig, detect_architecture, infer_seq_len
 
 HANDLE_ATTR = "_der_handle"
@@ -301,23 +301,32 @@ class DERHandle:
     def _compute_pending(self) -> None:
         """H_diff (B, H) for every layer whose keys were captured in this forward (Eq. 2–3).
 
-        ``sqeuclidean`` (the default) runs :func:`der.attention._hdiff.key_entropy`, one short chain of kernels per layer laid out
-        for tiny ``k``; other metrics call :func:`der.functional.anchor_entropy` (or ``soft_assign`` under
-        key padding).
+        ``sqeuclidean`` (the default) runs :func:`der.attention._hdiff.key_entropy_layers` once per group
+        of layers with one key shape, anchor shape and padding mask (usually all layers: one short chain
+        of kernels laid out for tiny ``k``); other metrics call :func:`der.functional.anchor_entropy` (or
+        ``soft_assign`` under key padding) per layer.
         """
         alpha, metric = self.alpha, self.config.metric
+        groups: dict[tuple, list[DERSite]] = {}
         for s in self.sites:
             if s.pending is None:
                 continue
             x, a, mask = s.pending, s.anchors.anchors, s.key_mask
             if metric == "sqeuclidean":
-                s.entropy = key_entropy(x, a, alpha, mask)
-            elif mask is None:
+                key = (tuple(x.shape), x.dtype, tuple(a.shape), a.dtype, a.device, id(mask))
+                groups.setdefault(key, []).append(s)
+                continue
+            if mask is None:
                 s.entropy = DF.anchor_entropy(x, a, alpha=alpha, metric=metric)
             else:
                 p = DF.soft_assign(x, a, alpha=alpha, metric=metric) * mask[:, None, :, None]
                 s.entropy = DF.entropy_from_counts(p.sum(-2))
             s.pending = None
+        for sites in groups.values():
+            anchors = torch.stack([s.anchors.anchors for s in sites])
+            ent = key_entropy_layers([s.pending for s in sites], anchors, alpha, sites[0].key_mask)
+            for s, e in zip(sites, ent.unbind(0), strict=True):
+                s.entropy, s.pending = e, None
 
     def _accumulate(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
         from der.attention.layouts import query_routing
