@@ -186,6 +186,23 @@ def test_plan_cache_reused_across_calls_and_batch_sizes():
     assert len(kernels._INDEX_CACHE) == 2
 
 
+def test_layout_edited_in_place_gets_a_new_plan():
+    """The per-tensor memo of the layout key follows in-place edits (also through a view) and object ids."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 96, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    lay = _layout(1, 2, 3, 0.6, empty_row=False)
+    for edit in (lambda t: t[0, 0].fill_(True), lambda t: t[0, 1, 1].logical_not_()):
+        block_sparse_attention(q, k, v, lay, 32)
+        edit(lay[0:1])  # in place, through a view
+        ref = block_sparse_attention(q, k, v, lay, 32, backend="dense")
+        torch.testing.assert_close(block_sparse_attention(q, k, v, lay, 32), ref, rtol=1e-10, atol=1e-10)
+    for seed in range(4):  # fresh tensors (ids may be reused) with other contents
+        lay = _layout(1, 2, 3, 0.5, seed=seed)
+        ref = block_sparse_attention(q, k, v, lay, 32, backend="dense")
+        torch.testing.assert_close(block_sparse_attention(q, k, v, lay, 32), ref, rtol=1e-10, atol=1e-10)
+        del lay
+
+
 def test_bad_inputs():
     q = torch.randn(1, 2, 64, 8)
     lay = torch.ones(1, 2, 2, 2, dtype=torch.bool)

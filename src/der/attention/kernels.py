@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -121,9 +122,23 @@ def _check_padding_mask(mask: torch.Tensor, q: torch.Tensor) -> None:
         raise ValueError(f"key_padding_mask must be on {q.device}, got {mask.device}")
 
 
+_KEY_MEMO: dict[int, tuple] = {}  # id(layout) → (weakref to it, its _version, key)
+
+
 def _layout_key(layout: torch.Tensor) -> tuple:
+    """Cache key of a layout's contents. Hashing the bytes (and, on CUDA, copying them to the host) costs
+    a few µs per call, a visible share of a small attention call; the key is therefore memoised per
+    tensor object and in-place version (a weak reference: a new tensor at a reused id is never mistaken
+    for the old one, and any in-place edit bumps ``_version``)."""
+    hit = _KEY_MEMO.get(id(layout))
+    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+        return hit[2]
     lay = layout.detach().to("cpu").contiguous()
-    return (tuple(lay.shape), hash(lay.numpy().tobytes()), str(layout.device))
+    key = (tuple(lay.shape), hash(lay.numpy().tobytes()), str(layout.device))
+    if len(_KEY_MEMO) >= _CACHE_SIZE:
+        _KEY_MEMO.clear()
+    _KEY_MEMO[id(layout)] = (weakref.ref(layout), layout._version, key)
+    return key
 
 
 def _causal_layout(layout: torch.Tensor, causal: bool) -> torch.Tensor:
