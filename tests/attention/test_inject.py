@@ -235,3 +235,23 @@ def test_key_entropy_matches_functional_and_gradcheck():
     anchors.requires_grad_()
     assert torch.autograd.gradcheck(
         lambda o, a: _key_entropy(o.view(2, 7, 3, 4).transpose(1, 2), a, 0.5, mask), (out, anchors))
+
+
+def test_key_entropy_layers_batches_layers_exactly():
+    """All layers in one chain == each layer alone == der.functional; gradients reach every layer's keys."""
+    from der.attention._hdiff import key_entropy_layers
+
+    g = torch.Generator().manual_seed(1)
+    outs = [torch.randn(2, 6, 3 * 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2)]
+    anchors = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) + 3.0).requires_grad_()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 5:] = False
+
+    def keys(o):
+        return o.view(2, 6, 3, 4).transpose(1, 2)
+
+    ent = key_entropy_layers([keys(o) for o in outs], anchors, 0.7)
+    for i, o in enumerate(outs):
+        torch.testing.assert_close(ent[i], DF.anchor_entropy(keys(o), anchors[i], alpha=0.7))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: key_entropy_layers([keys(a), keys(b)], c, 0.7, mask), (*outs, anchors))

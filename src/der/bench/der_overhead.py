@@ -7,8 +7,10 @@ baseline step, …) so that load drift on a shared machine hits both alike; we r
 each and the overhead ``median(DER) / median(baseline) − 1``, the median of per-pair ratios and
 ``min(DER) / min(baseline) − 1`` (least sensitive to other jobs: interference only adds time).
 
-The H_diff of the hooks is :func:`der.attention._hdiff.key_entropy` (one ``baddbmm`` per layer that reads
-the key projection's output in place, softmax over ``k`` along the token axis, token-major key gradient).
+The H_diff of the hooks is :func:`der.attention._hdiff.key_entropy_layers`, run once for all layers at
+``loss()`` time (one ``baddbmm`` per layer that reads the key projection's output in place; anchor terms,
+softmax over ``k`` along the token axis and entropies once for all layers; the key gradient written in the
+projection's own layout).
 
 Also measured: the "H_diff-lite" settings of App. A: k = ⌈N^{1/3}⌉ and/or H computed on every 4th step
 (``DERConfig(every=4)``; the other steps add ``0·Σ anchors`` so the anchors still take part).
