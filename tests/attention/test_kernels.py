@@ -201,6 +201,12 @@ def test_layout_edited_in_place_gets_a_new_plan():
         ref = block_sparse_attention(q, k, v, lay, 32, backend="dense")
         torch.testing.assert_close(block_sparse_attention(q, k, v, lay, 32), ref, rtol=1e-10, atol=1e-10)
         del lay
+    with torch.inference_mode():  # no version counter: never memoised
+        lay = _layout(1, 2, 3, 0.5, empty_row=False)
+        block_sparse_attention(q, k, v, lay, 32)
+        lay[0, 0].fill_(True)
+        ref = block_sparse_attention(q, k, v, lay, 32, backend="dense")
+        torch.testing.assert_close(block_sparse_attention(q, k, v, lay, 32), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_bad_inputs():

@@ -129,12 +129,16 @@ def _layout_key(layout: torch.Tensor) -> tuple:
     """Cache key of a layout's contents. Hashing the bytes (and, on CUDA, copying them to the host) costs
     a few µs per call, a visible share of a small attention call; the key is therefore memoised per
     tensor object and in-place version (a weak reference: a new tensor at a reused id is never mistaken
-    for the old one, and any in-place edit bumps ``_version``)."""
-    hit = _KEY_MEMO.get(id(layout))
+    for the old one, and any in-place edit bumps ``_version``). Inference tensors have no version counter:
+    their key is computed every call."""
+    memo = not layout.is_inference()
+    hit = _KEY_MEMO.get(id(layout)) if memo else None
     if hit is not None and hit[0]() is layout and hit[1] == layout._version:
         return hit[2]
     lay = layout.detach().to("cpu").contiguous()
     key = (tuple(lay.shape), hash(lay.numpy().tobytes()), str(layout.device))
+    if not memo:
+        return key
     if len(_KEY_MEMO) >= _CACHE_SIZE:
         _KEY_MEMO.clear()
     _KEY_MEMO[id(layout)] = (weakref.ref(layout), layout._version, key)
