@@ -95,10 +95,10 @@ def byte_lm(d: dict) -> tuple[list[str], Callable | None]:
                               f"{der['ppl_increase_pct']:+.2f}% vs dense (goal ≤ +5%), attention kernel "
                               f"{_f(der['kernel']['speedup'], 2)}× vs SDPA causal (goal ≥ 1.5×)")]
         if "rows" in der:
-            out += ["", f"The CPU kernel pads each head's rows to its longest row: DER keeps "
-                        f"{_f(der['rows']['mean_kept_per_row'], 2)} blocks per row on average but "
-                        f"{_f(der['rows']['mean_head_max_kept_per_row'], 2)} in a head's longest row (of "
-                        f"{der['rows']['blocks_per_row']}), so its kernel time follows the longest row."]
+            out += ["", f"DER's layouts are uneven: {_f(der['rows']['mean_kept_per_row'], 2)} kept blocks per row on "
+                        f"average but {_f(der['rows']['mean_head_max_kept_per_row'], 2)} in a head's longest row (of "
+                        f"{der['rows']['blocks_per_row']}). The CPU kernel groups rows by their kept-block count "
+                        "(it pays for what each row keeps, not for the longest row)."]
 
     def plot(ax):
         names = list(m)

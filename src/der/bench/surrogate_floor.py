@@ -161,6 +161,26 @@ def alternatives(n: int, k: int, d: int, budget_s: float) -> dict:
     return out
 
 
+def first_touch(mib: int = 64, budget_s: float = 1.0) -> dict:
+    """Cost of page faults: allocate-and-fill ``mib`` MiB fresh vs refill memory already touched.
+
+    Above glibc's largest mmap threshold (32 MiB) every allocation is a fresh mapping, so each 4 KiB page
+    faults on first touch (smaller blocks may be recycled from the heap, depending on history); with
+    ``THP_MEM_ALLOC_ENABLE=1`` (read before the first allocation) PyTorch asks for 2 MiB pages instead."""
+    n = mib * 2**20 // 4
+    touched = torch.empty(n)
+    touched.fill_(0.0)
+    fresh = time_step(lambda: torch.empty(n).fill_(1.0), budget_s=budget_s, min_rep=5)["median_s"]
+    warm = time_step(lambda: touched.fill_(1.0), budget_s=budget_s, min_rep=5)["median_s"]
+    return {
+        "mib": mib,
+        "fresh_fill_s": fresh,
+        "touched_fill_s": warm,
+        "per_4k_page_us": 1e6 * (fresh - warm) / (mib * 256),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+    }
+
+
 def breakdown(n: int, k: int, d: int, budget_s: float = 2.0) -> dict:
     rate = matmul_rate()
     floor = 4.0 * n * k * d / rate
@@ -180,6 +200,7 @@ def breakdown(n: int, k: int, d: int, budget_s: float = 2.0) -> dict:
         "sum_of_parts": res["parts"]["sum_of_parts_s"] / floor,
         **{name: alt[name] / floor for name in ("ours_streaming", "compiled_chunks", "keep_probabilities")},
     }
+    res["first_touch"] = first_touch()
     res["load_avg_end"] = os.getloadavg()
     return res
 
@@ -202,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in res["parts"]["seconds"].items():
         print(f"  {name:>18} x{res['parts']['passes'][name]}: {s * 1e3:7.2f} ms")
     print(f"  skinny-product rate {res['parts']['product_rate_flops'] / 1e9:.0f} GFLOP/s")
+    ft = res["first_touch"]
+    print(
+        f"  first touch of {ft['mib']} MiB: {ft['fresh_fill_s'] * 1e3:.1f} ms fresh vs "
+        f"{ft['touched_fill_s'] * 1e3:.2f} ms touched (~{ft['per_4k_page_us']:.1f} µs per 4 KiB page)"
+    )
     for name, r in res["ratios_to_floor"].items():
         print(f"  {name:>20}: {r:5.2f} x floor")
     result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "surrogate_op"}

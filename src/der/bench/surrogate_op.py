@@ -14,6 +14,12 @@ FLOP floor (issue 3): ``2·N·k·d`` multiply-adds (the distance/logit product o
 performs four such products (forward, recompute, ``∇x``, ``∇c``), so 2.0 is its hard lower bound on that
 ratio; ``recompute_floor_s`` (``8·N·k·d`` flops) is reported beside it.
 
+Allocator: where page faults are expensive (this VM: ~1 µs per 4 KiB page, so first-touching a fresh
+64 MiB tensor costs ~16 ms; ``der bench surrogate-floor``), the naive path's fresh ``N×k`` temporaries are a
+large part of its time. Run the
+benchmark again with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's switch to 2 MiB pages for large tensors; it must
+be set before ``import torch``) to see the comparison without that cost; the result records the setting.
+
 Usage: ``der bench surrogate-op [--quick] [--cases N,k,d ...] [--out PATH]``.
 """
 
@@ -329,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "load_avg_start": load_start,
         "load_avg_end": os.getloadavg(),
+        # PyTorch's huge-page switch (read once, before the first allocation): on this VM a 4 KiB page
+        # fault costs ~1 µs (der bench surrogate-floor), a large part of the naive path's time without it.
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "naive_max_nk": NAIVE_MAX_NK,
         "rows": rows,
         "truncation": truncation_errors(),
