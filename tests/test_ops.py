@@ -36,6 +36,8 @@ SHAPES = [
     ((2, 3, 301, 4), (3, 9, 4), (3, 9)),  # (B, H, N, d) keys, per-head anchors broadcast over B
     ((301, 4), (5, 9, 4), (9,)),  # one point set shared by 5 heads
     ((1, 5, 77, 2), (4, 1, 6, 2), (6,)),  # both sides broadcast
+    ((2, 300, 16), (2, 9, 16), (2, 9)),  # f > 8: gradient products in the wide (untransposed) form
+    ((301, 12), (3, 9, 12), (9,)),  # f > 8, one point set shared by 3 heads
 ]
 
 
