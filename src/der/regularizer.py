@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from der import functional as F
+from der._io import atomic_write
 from der.initializers import INIT_METHODS, init_anchors
 from der.schedules import LambdaWindow, anchor_heuristic, cosine_anneal
 
@@ -271,9 +271,9 @@ class EntropyRegularizer(nn.Module):
 
         path = Path(path)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if v is not None}
-        _atomic_write(path, lambda p: save_file(tensors, str(p)))
+        atomic_write(path, lambda p: save_file(tensors, str(p)))
         cfg = json.dumps({"der_version": 1, "class": "EntropyRegularizer", "config": self.config()}, indent=2)
-        _atomic_write(path.with_suffix(".json"), lambda p: Path(p).write_text(cfg))
+        atomic_write(path.with_suffix(".json"), lambda p: Path(p).write_text(cfg))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EntropyRegularizer:
@@ -291,16 +291,3 @@ class EntropyRegularizer(nn.Module):
         if reg.dim != dim:
             raise ValueError(f"{path}: stored dim {dim} does not match tensors ({reg.dim})")
         return reg
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

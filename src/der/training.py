@@ -21,13 +21,14 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from der._io import atomic_write
 
 __all__ = [
     "seed_everything",
@@ -105,18 +106,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -141,7 +130,7 @@ def save_checkpoint(
         "config": json.dumps(_to_plain(config), sort_keys=True, default=repr),
         "extra": dict(extra or {}),
     }
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -190,7 +179,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
         with open(tmp, "w") as f:
             f.write(text + "\n")
 
-    _atomic_write(path, _w)
+    atomic_write(path, _w)
     return path
 
 

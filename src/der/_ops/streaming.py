@@ -80,9 +80,12 @@ class _Chunks:
         self.b = ref.new_empty((lay.B, C, lay.k))
 
     def view(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers for a chunk of ``c`` rows (the shorter tail chunk gets its own, once per call)."""
         if c == self.C:
             return self.a, self.b
-        return self.a[:, :c].contiguous(), self.b[:, :c].contiguous()
+        return self.a.new_empty((self.a.shape[0], c, self.a.shape[2])), self.b.new_empty(
+            (self.b.shape[0], c, self.b.shape[2])
+        )
 
 
 def _softmax_out(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,7 @@ def streaming_counts_backward(
     # For few features the two gradient products are tall-skinny (output C×f or k×f); BLAS runs them 2–5×
     # faster as the transposed products Wᵀ·dlᵀ (f×C) and fcᵀ·dl (f×k) (measured for f ≤ 8, 1 and 2 threads).
     skinny = lay.f <= _SKINNY_F
-    WT = lay.W.transpose(1, 2).contiguous() if skinny else None
+    WT = lay.Wt.contiguous() if skinny else None
     work = _Chunks(lay, C, feat)
     for s in range(0, lay.N, C):
         fc = lay.feat_chunk(feat, s, s + C)
@@ -186,7 +189,11 @@ def streaming_counts_backward(
                 dfc = dfc.reshape(*lay.batch_shape, e - s, lay.f)
                 dfeat[..., s:e, :] = dfc.sum_to_size(*feat.shape[:-2], e - s, lay.f)
         if dW is not None:
-            dW += torch.bmm(fc.transpose(1, 2), dl).transpose(1, 2) if skinny else torch.bmm(dl.transpose(1, 2), fc)
+            dW += (
+                torch.bmm(fc.transpose(1, 2), dl).transpose(1, 2)
+                if skinny
+                else torch.bmm(dl.transpose(1, 2), fc)
+            )
         if db is not None:
             db += dl.sum(dim=1)
     return (dfeat, *_finish(lay, weight, bias, dW, db))

@@ -19,13 +19,13 @@ Usage: ``der bench surrogate-floor [--case N,k,d] [--out PATH]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from der._io import merge_json
 from der._ops import softmax_counts_reference
 from der._ops.streaming import DEFAULT_CHUNK_ELEMS, _rows_per_chunk
 from der.bench.surrogate_op import (
@@ -230,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, r in res["ratios_to_floor"].items():
         print(f"  {name:>20}: {r:5.2f} x floor")
-    result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "surrogate_op"}
-    result["floor_breakdown"] = res
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    merge_json(args.out, "floor_breakdown", res, default={"benchmark": "surrogate_op"})
     print(f"wrote {args.out}")
     return 0
 

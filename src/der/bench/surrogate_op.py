@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from der._io import atomic_write, merge_json
+
 ALPHA = 10.0
 GRID_N = (10_000, 100_000, 1_000_000)
 GRID_K = (16, 64, 256, 1024)
@@ -302,10 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_child(args.memory_child[0], *parse_case(args.memory_child[1]))))
         return 0
     if args.truncation_only:
-        result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "surrogate_op"}
-        result["truncation"] = truncation_errors()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        merge_json(args.out, "truncation", truncation_errors(), default={"benchmark": "surrogate_op"})
         return 0
     if args.cases:
         cases = list(args.cases)
@@ -342,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "truncation": truncation_errors(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     print(f"wrote {args.out}")
     return 0
 
