@@ -176,3 +176,82 @@ def test_row_budget_convert_gives_uniform_rows_and_matches_reference():
         for lay in h.converted.layouts.values():
             assert bool((lay.sum(-1) == 2).all())  # nb = 4 blocks, 50%: 2 per query block
     torch.testing.assert_close(outs["cpu"], outs["dense"], atol=1e-5, rtol=1e-5)
+
+
+def _reference_attention_layouts(model, x, sparsity, causal, bs=16):
+    """rule="attention" by hand: eager attention probabilities → mean block mass per query block → select."""
+    from der.attention.layouts import select_blocks
+
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(x, output_attentions=True).attentions  # L × (B, H, N, N)
+    model.set_attn_implementation("sdpa")
+    out = []
+    for a in att:
+        b, h, n, _ = a.shape
+        nb = n // bs
+        scores = a.double().sum(0).view(h, nb, bs, nb, bs).sum((2, 4)) / (b * bs)
+        out.append(select_blocks(scores, sparsity, causal))
+    return out
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_attention_rule_layouts_equal_reference_and_run_sparse(name):
+    """rule="attention": layouts from the model's own attention (post-RoPE, GQA, causal) = a hand reference."""
+    model, fwd, x, ref, h = _setup(name)
+    want = _reference_attention_layouts(model, x, 0.5, causal=name == "llama")
+    calib = [{"input_ids": x}] if name == "bert" else [x]
+    convert(model, sparsity=0.5, calib_inputs=calib, rule="attention")
+    got = list(h.converted.layouts.values())
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape == (4, 4, 4) and torch.equal(g, w)
+    with torch.no_grad():
+        out = fwd(model, x)
+    assert h.dense_fallbacks == {} and torch.isfinite(out).all()
+    assert not torch.allclose(out, ref, atol=1e-4)  # really sparse
+    h.converted.undo()
+    with torch.no_grad():  # the calibration pass left the model dense and unchanged
+        torch.testing.assert_close(fwd(model, x), ref)
+
+
+def test_attention_rule_with_padding_ignores_padded_queries_and_roundtrips(tmp_path):
+    model, fwd, x, ref, h = _setup("bert")
+    mask = torch.ones_like(x)
+    mask[1, 40:] = 0
+    from der.attention.layouts import select_blocks
+
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(input_ids=x, attention_mask=mask, output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    w = mask.double()  # padded queries carry no weight; each query block is averaged over its real queries
+    cnt = w.sum(0).view(4, 16).sum(-1)
+    want = [select_blocks((a.double() * w[:, None, :, None]).sum(0).view(4, 4, 16, 4, 16).sum((2, 4))
+                          / cnt[None, :, None], 0.5) for a in att]
+    convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x, "attention_mask": mask}], rule="attention")
+    lay = dict(h.converted.layouts)
+    for v, wv in zip(lay.values(), want, strict=True):
+        assert torch.equal(v, wv) and bool(v.diagonal(dim1=-2, dim2=-1).all())
+    der_io.save(h, tmp_path / "der")
+    h.remove()
+    fresh = tiny_bert()
+    h2 = der_io.load(fresh, tmp_path / "der")
+    assert h2.converted.rule == "attention"
+    for n, v in lay.items():
+        assert torch.equal(h2.converted.layouts[n], v)
+
+
+def test_attention_rule_bad_arguments():
+    model, fwd, x, ref, h = _setup("bert")
+    with pytest.raises(ValueError, match="calib_inputs"):
+        convert(model, sparsity=0.5, rule="attention")
+    with pytest.raises(ValueError, match="calib_inputs"):
+        convert(model, sparsity=0.5, mode="dynamic", calib_inputs=[{"input_ids": x}], rule="attention")
+    with pytest.raises(ValueError, match="rule must be"):
+        convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}], rule="magnitude")
+    with pytest.raises(ValueError, match="no attention reached"):
+        convert(model, sparsity=0.5, calib_inputs=[], rule="attention")
+    assert h.converted is None  # a failed conversion leaves nothing behind
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).last_hidden_state, ref)

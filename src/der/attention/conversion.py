@@ -9,6 +9,15 @@ r"""``convert``: freeze DER block layouts and swap attention for the block-spars
   (warning + ``handle.dense_fallbacks``);
 * **dynamic** — ``(B, H, nb, nb)`` per call, routed through the anchors from the keys the key hooks see.
 
+Static layouts come from one of two rules (``rule=``): ``"anchors"`` (default, the paper's: the anchors'
+calibrated soft assignments, :mod:`der.attention.layouts`) or ``"attention"``: the model's own attention
+probabilities on the calibration inputs, :math:`S_{ab}` = mean over the valid queries of block ``a`` of
+their attention mass on key block ``b`` (rows sum to 1, as the anchor rule's), then the same selection
+(:func:`~der.attention.layouts.select_blocks`: diagonal kept, exact budget, ties towards the diagonal).
+The attention is computed exactly (post-RoPE queries and keys, the model's masks) by the swapped attention
+function during calibration. On the digits ViT (``der exp vit-digits``) the DER-trained model kept far more
+accuracy under its own attention mass than under the anchor rule (docs/experiments.md).
+
 The swap: HF models that dispatch through ``AttentionInterface`` (BERT/MiniLM, ViT, GPT-2, LLaMA, Mistral,
 Phi in transformers ≥ 5) get the attention function ``"der_block_sparse"`` registered in
 ``AttentionInterface`` and ``AttentionMaskInterface`` (with the SDPA mask builder, so padding and causal
@@ -25,6 +34,7 @@ applied by the kernel (warned, counted as ``"dropout_ignored"``).
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -35,9 +45,10 @@ from torch import nn
 from der.attention.config import check_block_args
 from der.attention.injection import DERHandle, DERSite, get_handle
 from der.attention.kernels import block_sparse_attention
-from der.attention.layouts import dynamic_layout, layout_sparsity, num_blocks, static_layout
+from der.attention.layouts import dynamic_layout, layout_sparsity, num_blocks, select_blocks, static_layout
 
 IMPL_NAME = "der_block_sparse"
+RULES = ("anchors", "attention")
 STATE_ATTR = "_der_convert"
 
 
@@ -51,6 +62,8 @@ class ConvertState:
     mode: str
     backend: str
     budget: str = "head"
+    rule: str = "anchors"
+    collecting: bool = False  # rule="attention" calibration: dense attention, block masses accumulated
     layouts: dict[str, torch.Tensor] = field(default_factory=dict)  # site name → (H, nb, nb) (static)
     dense_layers: list[str] = field(default_factory=list)
     hf_models: list[tuple[nn.Module, str]] = field(default_factory=list)  # (model, previous impl)
@@ -127,6 +140,8 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
                  causal: bool):
     """Block-sparse attention ``(B, H, N, Dh)`` or ``None`` when it must fall back (reason recorded)."""
     handle = state.handle
+    if state.collecting:
+        return _collect_call(site, q, k, v, mask, scaling, causal, state.block_size)
     n = q.shape[2]
     if k.shape[2] != n:
         _fallback(handle, "query length ≠ key length (cached decoding)")
@@ -152,6 +167,50 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
         v = v.repeat_interleave(groups, dim=1)
     return block_sparse_attention(q, k, v, lay.to(q.device), state.block_size, causal=causal,
                                   backend=state.backend, scale=scaling, key_padding_mask=kpm)
+
+
+def _collect_call(site: DERSite, q, k, v, mask, scaling, causal: bool, block_size: int) -> torch.Tensor:
+    """``rule="attention"`` calibration: exact dense attention ``(B, H, N, Dh)`` whose probabilities are
+    summed per (head, query block, key block) over the valid queries into ``site.extra``."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    B, H, n, _ = q.shape
+    nk = k.shape[2]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    if causal:
+        s = s.masked_fill(torch.ones(n, nk, dtype=torch.bool, device=s.device).triu(nk - n + 1), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # a query with no allowed key has no mass
+    real = None if mask is None or n != nk else _key_padding(mask, n, causal)
+    w = torch.ones(B, n, dtype=p.dtype, device=p.device) if real is None else real.to(p.dtype)
+    nb, nbk = num_blocks(n, block_size), num_blocks(nk, block_size)
+    pb = torch.nn.functional.pad(p * w[:, None, :, None], (0, nbk * block_size - nk, 0, nb * block_size - n))
+    mass = pb.view(B, H, nb, block_size, nbk, block_size).sum((0, 3, 5))  # (H, nb, nbk)
+    cnt = torch.nn.functional.pad(w.sum(0), (0, nb * block_size - n)).view(nb, block_size).sum(-1)
+    old_m, old_c = site.extra.get("attn_mass"), site.extra.get("attn_count")
+    if old_m is not None:  # calibration batches of different lengths: grow to the largest
+        big, bigk = max(nb, old_m.shape[1]), max(nbk, old_m.shape[2])
+        grow = lambda t, r, c: torch.nn.functional.pad(t, (0, c - t.shape[-1], 0, r - t.shape[-2]))  # noqa: E731
+        mass = grow(mass, big, bigk) + grow(old_m, big, bigk)
+        cnt = torch.nn.functional.pad(cnt, (0, big - nb)) + torch.nn.functional.pad(old_c, (0, big - old_c.shape[0]))
+    site.extra["attn_mass"], site.extra["attn_count"] = mass, cnt
+    return (p.to(v.dtype) @ v).to(q.dtype)
+
+
+def attention_rule_layout(mass: torch.Tensor, count: torch.Tensor, sparsity: float, causal: bool = False,
+                          budget: str = "head") -> torch.Tensor:
+    """Static ``(H, nb, nb)`` layout of ``rule="attention"`` from calibration sums: ``mass (H, nb, nb)`` of
+    attention probabilities per (query block, key block) over valid queries, ``count (nb,)`` valid queries
+    per query block (blocks never seen get a uniform row)."""
+    nb = mass.shape[-1]
+    if mass.dim() != 3 or mass.shape[1] != nb or count.shape != (nb,):
+        raise ValueError(f"mass must be (H, nb, nb) and count (nb,), got {tuple(mass.shape)}, {tuple(count.shape)}")
+    c = count.double()[None, :, None]
+    scores = torch.where(c > 0, mass.double() / c.clamp_min(1e-12), torch.full_like(mass, 1.0 / nb, dtype=torch.float64))
+    return select_blocks(scores, sparsity, causal, budget)
 
 
 def der_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -246,7 +305,8 @@ def _swap_timm(state: ConvertState, site: DERSite) -> None:
 # --------------------------------------------------------------------------- public
 def convert(model: nn.Module, sparsity: float | None = None, block_size: int | None = None,
             mode: str | None = None, *, calib_inputs=None, backend: str = "auto",
-            layouts: dict[str, torch.Tensor] | None = None, budget: str | None = None) -> DERHandle:
+            layouts: dict[str, torch.Tensor] | None = None, budget: str | None = None,
+            rule: str = "anchors") -> DERHandle:
     """Freeze DER layouts and swap in block-sparse attention; returns the (same) handle.
 
     Args:
@@ -257,6 +317,8 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
         backend: kernel backend of :func:`block_sparse_attention`.
         layouts: precomputed static layouts ``{site name: (H, nb, nb)}`` (used by ``der.attention.io.load``).
         budget: ``"head"`` | ``"row"`` block budget (default: the config's); see :mod:`der.attention.layouts`.
+        rule: static layouts from the anchors' soft assignments (``"anchors"``, the paper's) or from the
+            model's own attention on ``calib_inputs`` (``"attention"``; see the module docstring).
     """
     handle = get_handle(model)
     cfg = handle.config
@@ -269,8 +331,12 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
         raise ValueError(f"budget must be 'head' or 'row', got {budget!r}")
     if handle.converted is not None:
         raise ValueError("model is already converted; call handle.converted.undo() first")
-    state = ConvertState(handle, float(sparsity), int(block_size), mode, backend, budget)
-    if mode == "static":
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "attention" and (mode != "static" or (calib_inputs is None and layouts is None)):
+        raise ValueError('rule="attention" builds static layouts from calib_inputs: pass mode="static" and calib_inputs=...')
+    state = ConvertState(handle, float(sparsity), int(block_size), mode, backend, budget, rule)
+    if mode == "static" and (rule == "anchors" or layouts is not None):
         if layouts is None and calib_inputs is not None:
             _calibrate(model, handle, calib_inputs)
         for s in handle.sites:
@@ -298,6 +364,8 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
         _swap_timm(state, s)
     state.dense_layers = [n for n, m in model.named_modules()
                           if "_der_prev_impl" in m.__dict__ and id(m) not in site_by_attn]
+    if rule == "attention" and layouts is None:
+        _calibrate_attention(model, state, calib_inputs)
     handle.keep_keys = mode == "dynamic"
     handle.regularize = False
     handle.converted = state
@@ -315,15 +383,38 @@ def revert(model: nn.Module) -> DERHandle:
     return handle
 
 
-def _calibrate(model: nn.Module, handle: DERHandle, batches) -> None:
+def _calibrate(model: nn.Module, handle: DERHandle, batches, stats: bool = True) -> None:
+    """Run ``batches`` in eval mode without grad (``stats``: inside ``handle.calibrate()``)."""
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), handle.calibrate():
+        with torch.no_grad(), (handle.calibrate() if stats else contextlib.nullcontext()):
             for b in batches:
                 model(**b) if isinstance(b, dict) else model(b)
     finally:
         model.train(was)
+
+
+def _calibrate_attention(model: nn.Module, state: ConvertState, batches) -> None:
+    """``rule="attention"``: run ``batches`` through the swapped attention in collect mode, then freeze."""
+    for s in state.handle.sites:
+        s.extra.pop("attn_mass", None)
+        s.extra.pop("attn_count", None)
+    state.collecting = True
+    try:
+        _calibrate(model, state.handle, batches, stats=False)
+    except BaseException:
+        state.undo()
+        raise
+    finally:
+        state.collecting = False
+    for s in state.handle.sites:
+        if "attn_mass" not in s.extra:
+            state.undo()
+            raise ValueError(f"no attention reached {s.name} during calibration (did calib_inputs run the model?)")
+        causal = bool(getattr(s.attention, "is_causal", False))
+        state.layouts[s.name] = attention_rule_layout(s.extra.pop("attn_mass"), s.extra.pop("attn_count"),
+                                                      state.sparsity, causal, state.budget)
 
 
 def summary(handle: DERHandle) -> dict:

@@ -38,7 +38,7 @@ def save(handle: DERHandle, path: str | Path) -> tuple[Path, Path]:
                   "sites": [s.name for s in handle.sites], "steps": handle.steps, "converted": None}
     if conv is not None:
         meta["converted"] = {"sparsity": conv.sparsity, "block_size": conv.block_size, "mode": conv.mode,
-                             "backend": conv.backend}
+                             "backend": conv.backend, "budget": conv.budget, "rule": conv.rule}
         for name, lay in conv.layouts.items():
             tensors[f"layouts/{name}"] = lay.cpu().to(torch.uint8).contiguous()
     save_file(tensors, str(st_path))
@@ -76,5 +76,6 @@ def load(model: nn.Module, path: str | Path) -> DERHandle:
         layouts = None
         if conv["mode"] == "static":
             layouts = {n: tensors[f"layouts/{n}"].bool() for n in names}
-        convert(model, conv["sparsity"], conv["block_size"], conv["mode"], backend=conv["backend"], layouts=layouts)
+        convert(model, conv["sparsity"], conv["block_size"], conv["mode"], backend=conv["backend"], layouts=layouts,
+                budget=conv.get("budget"), rule=conv.get("rule", "anchors"))
     return handle
