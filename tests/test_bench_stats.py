@@ -25,3 +25,14 @@ def test_bootstrap_ci_degenerate_and_bad_input():
     assert bootstrap_median_ci([1.0, 2.0], seed=1) == bootstrap_median_ci([1.0, 2.0], seed=1)  # reproducible
     with pytest.raises(ValueError):
         bootstrap_median_ci([])
+
+
+def test_attention_breakdown_shares_and_rates():
+    from der.bench.attention_breakdown import breakdown, sgemm_gflops
+
+    r = breakdown(1, 2, 256, repeats=2)
+    sh = r["op_share_of_kernel"]
+    assert sum(sh.values()) == pytest.approx(1.0)
+    assert sh["matmul"] > 0 and sh["softmax"] > 0 and sh["gather"] >= 0
+    assert r["matmul_gflops"] > 0 and r["ours_ms"] > 0 and r["speedup"] > 0
+    assert sgemm_gflops(64, repeats=2) > 0
