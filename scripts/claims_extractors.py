@@ -114,6 +114,23 @@ def kernel(d: dict) -> Verdict:
     return txt, "met on the median, not on every shape" if below else "met on every shape"
 
 
+def overhead_goal(d: dict) -> Verdict:
+    """Issue 7's ≤2% DER training-step overhead, per model at the paper default k = ⌊√N⌋ on every step:
+    median / paired overhead and the 95% bootstrap interval of the paired one (``der bench der-overhead``)."""
+    parts, met = [], []
+    for r in d["rows"]:
+        ci = r.get("cpu_paired_overhead_ci95_pct")
+        cis = f" [95% CI {ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        tag = f"{r['name']} k={r['k']}" + (f" every {r['every']}" if r.get("every", 1) != 1 else "")
+        parts.append(f"{tag}: {r['cpu_overhead_pct']:.2f}% / paired {r['cpu_paired_overhead_pct']:.2f}%{cis}")
+        if r.get("anchors_rule") == "sqrt" and r.get("every", 1) == 1:
+            met.append((r["name"], r["cpu_paired_overhead_pct"] <= 2.0, ci is not None and ci[1] <= 2.0))
+    ok = [n for n, m, _ in met if m]
+    verdict = ("met" if len(ok) == len(met) else f"met for {', '.join(ok) or 'none'}, missed for "
+               + ", ".join(n for n, m, _ in met if not m)) + " (paired median at k = √N, every step)"
+    return "; ".join(parts), verdict
+
+
 GOAL_CASES = ((1_000_000, 64, 2), (65536, 256, 64))  # issue 3's two goal sizes
 
 

@@ -26,6 +26,11 @@ def _f(x, nd: int = 1) -> str:
     return f"{x:.{nd}f}"
 
 
+def _pm(v: dict, key: str, nd: int = 1) -> str:
+    """``v[key]``, with ``± sd`` when the file aggregates seeds (``der exp aggregate-seeds``)."""
+    return _f(v.get(key), nd) + (f" ± {_f(v[key + '_std'], nd)}" if key + "_std" in v else "")
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
@@ -35,6 +40,8 @@ def _meta(d: dict) -> str:
     la, lb = m.get("loadavg_start"), m.get("loadavg_end")
     load = f"load average (1 min) {_f(la[0], 2)} at start, {_f(lb[0], 2)} at end" if la and lb else "load not recorded"
     wall = f"wall time {_f(d.get('wall_seconds'), 0)} s" if d.get("wall_seconds") is not None else "wall time not recorded"
+    if m.get("aggregated"):
+        return f"mean ± sd over seeds {m.get('seeds')} (files {', '.join(m.get('sources', []))}), {wall} in all, {m.get('threads', '?')} threads"
     return f"{wall}, {m.get('threads', '?')} threads, {load}; config hash `{m.get('config_hash', '?')}`"
 
 
@@ -47,7 +54,7 @@ def vit(d: dict) -> tuple[list[str], Callable | None]:
     dense = m["dense"]
     rows = []
     for k, v in m.items():
-        rows.append([k, _f(v.get("top1")), _f(v.get("top1_before_finetune")), _f(v.get("block_sparsity"), 3),
+        rows.append([k, _pm(v, "top1"), _pm(v, "top1_before_finetune"), _f(v.get("block_sparsity"), 3),
                      _f(v.get("mean_block_length"), 2), _f(v.get("flops", math.nan) / 1e6, 1) if "flops" in v else "n/a",
                      _f(v.get("latency_ms"), 1)])
     out = _table(["method", "top-1 %", "top-1 before fine-tune", "block sparsity", "mean block length (blocks)",
@@ -150,9 +157,10 @@ def robustness(d: dict) -> tuple[list[str], Callable | None]:
 
 def mask_iou(d: dict) -> tuple[list[str], Callable | None]:
     m = d["methods"]
-    rows = [[k, _f(v["iou_mean"], 3), _f(v["iou_best_layer"], 3), ", ".join(_f(x, 3) for x in v["iou_per_layer"])]
+    rows = [[k, _pm(v, "iou_mean", 3), _pm(v, "iou_best_layer", 3), ", ".join(_f(x, 3) for x in v["iou_per_layer"])]
             for k, v in m.items()]
-    out = _table(["method", "mean IoU", "best layer IoU", "IoU per layer"], rows)
+    per_layer = "IoU per layer (first seed)" if d.get("meta", {}).get("aggregated") else "IoU per layer"
+    out = _table(["method", "mean IoU", "best layer IoU", per_layer], rows)
     out += ["", f"Chance IoU (random mask of the same size) {_f(d['chance_iou'], 3)}; foreground fraction "
                 f"{_f(d['foreground_fraction'], 3)}."]
     return out, None

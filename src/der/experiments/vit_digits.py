@@ -9,7 +9,10 @@ Protocol (``der exp vit-digits [--quick]``):
    ``der.attention.convert`` with the same kernel for every method — DER: layouts from its anchors'
    calibrated soft assignments; magnitude top-b: the top blocks of the dense model's own attention mass
    (same selection rule, ``layouts.select_blocks``); L1: top-b of the L1 model's attention; BigBird:
-   ``baselines.bigbird_layout`` — then fine-tune every sparse model for ``finetune_epochs`` epochs.
+   ``baselines.bigbird_layout``; and ``der_attention_rule``: the DER-trained model converted with
+   ``convert(..., rule="attention")`` (layouts from its own calibrated attention mass instead of its
+   anchors: which part loses accuracy, DER training or the anchor-derived layout rule?) — then fine-tune
+   every sparse model for ``finetune_epochs`` epochs.
 3. Report top-1, achieved block sparsity, mean contiguous run length of kept key blocks per query block
    (Table 4's "mean block length", in blocks), attention+linear FLOPs from the formula
    ``4·N²·Dh·H·density + linear layers``, and median forward latency (batch ``latency_batch``).
@@ -132,7 +135,9 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
         xt, yt = xt[: cfg.test_limit], yt[: cfg.test_limit]
     spec = cfg.spec()
     n_tokens = (spec.image_size // spec.patch_size) ** 2 + 1
-    calib = [{"pixel_values": xt[i : i + 64]} for i in range(0, min(len(xt), 256), 64)]
+    # calibration (static layouts, magnitude top-b) on training images, never on the test split
+    xc = torch.stack([train[i][0] for i in range(min(len(train), 256))])
+    calib = [{"pixel_values": xc[i : i + 64]} for i in range(0, len(xc), 64)]
     xb = xt[: cfg.latency_batch]
 
     def train_variant(name: str, make_extra=None, handle_reg=True, override=None):
@@ -158,7 +163,8 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
     der, _, _ = train_variant("der", make_extra=lambda h: lambda m, x, y, lg: (h.loss(), {"H": float(h.entropy().detach().mean())}))
     der_state = {k: v.clone() for k, v in der.state_dict().items()}
     results["methods"]["der_dense_kernel"] = {"top1": accuracy(der, xt, yt)}
-    sources = {"der": der_state, "magnitude_topb": dense_state}
+    # der_attention_rule: the DER model, layouts from its own attention (ablation: training vs. layout rule)
+    sources = {"der": der_state, "der_attention_rule": der_state, "magnitude_topb": dense_state}
     skipped: dict[str, str] = {}
     if cfg.l1_lam > 0:
         l1_model, _, _ = train_variant("l1", handle_reg=False,
@@ -170,8 +176,9 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
             model, handle = _fresh(cfg, state)
             names = [site.name for site in handle.sites]
             try:
-                if method == "der":
-                    convert(model, sparsity=s, block_size=cfg.block_size, calib_inputs=calib, budget=cfg.budget)
+                if method in ("der", "der_attention_rule"):
+                    convert(model, sparsity=s, block_size=cfg.block_size, calib_inputs=calib, budget=cfg.budget,
+                            rule="attention" if method == "der_attention_rule" else "anchors")
                 else:
                     if method in ("bigbird", "longformer"):
                         nb = -(-n_tokens // cfg.block_size)
