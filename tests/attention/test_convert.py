@@ -255,3 +255,42 @@ def test_attention_rule_bad_arguments():
     assert h.converted is None  # a failed conversion leaves nothing behind
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).last_hidden_state, ref)
+
+
+def test_attention_rule_chunking_does_not_change_layouts(monkeypatch):
+    """Scores are formed a few heads at a time; one head per chunk gives the same layouts and outputs."""
+    import der.attention.conversion as conv
+
+    res = []
+    for chunk in (conv.COLLECT_CHUNK_BYTES, 1):
+        monkeypatch.setattr(conv, "COLLECT_CHUNK_BYTES", chunk)
+        model, fwd, x, ref, h = _setup("llama")
+        convert(model, sparsity=0.5, calib_inputs=[x], rule="attention")
+        with torch.no_grad():
+            res.append((dict(h.converted.layouts), fwd(model, x)))
+    for n, lay in res[0][0].items():
+        assert torch.equal(lay, res[1][0][n])
+    torch.testing.assert_close(res[0][1], res[1][1])
+
+
+def test_collect_call_output_is_exact_attention():
+    """What the model sees during rule="attention" calibration is exact (masked, causal, GQA) attention."""
+    from types import SimpleNamespace
+
+    from der.attention.conversion import _collect_call
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 40, 8, generator=g)
+    k, v = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
+    mask[1, :, :, 30:] = False
+    site = SimpleNamespace(extra={})
+    for causal in (False, True):
+        site.extra.clear()
+        m = mask & torch.ones(40, 40, dtype=torch.bool).tril() if causal else mask  # as HF passes it
+        out = _collect_call(site, q, k, v, m, None, causal, 16)
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=m))
+        assert site.extra["attn_mass"].shape == (4, 3, 3)
+        # each real query's row sums to one; the 10 queries at padded positions of sequence 1 carry no weight
+        torch.testing.assert_close(site.extra["attn_mass"].sum((1, 2)), torch.full((4,), 70.0, dtype=torch.float64))

@@ -169,26 +169,41 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
                                   backend=state.backend, scale=scaling, key_padding_mask=kpm)
 
 
+# bytes of one score chunk in rule="attention" calibration (a (heads, N, N) float32 slice per sequence)
+COLLECT_CHUNK_BYTES = 64 << 20
+
+
 def _collect_call(site: DERSite, q, k, v, mask, scaling, causal: bool, block_size: int) -> torch.Tensor:
     """``rule="attention"`` calibration: exact dense attention ``(B, H, N, Dh)`` whose probabilities are
-    summed per (head, query block, key block) over the valid queries into ``site.extra``."""
+    summed per (head, query block, key block) over the valid queries into ``site.extra``. Scores are
+    formed one sequence and a few heads at a time (at most ``COLLECT_CHUNK_BYTES``), never ``B·H·N²``."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     B, H, n, _ = q.shape
     nk = k.shape[2]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    s = (q.double() @ k.double().transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
-    if causal:
-        s = s.masked_fill(torch.ones(n, nk, dtype=torch.bool, device=s.device).triu(nk - n + 1), float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # a query with no allowed key has no mass
     real = None if mask is None or n != nk else _key_padding(mask, n, causal)
-    w = torch.ones(B, n, dtype=p.dtype, device=p.device) if real is None else real.to(p.dtype)
+    w = torch.ones(B, n, dtype=torch.float64, device=q.device) if real is None else real.double()
     nb, nbk = num_blocks(n, block_size), num_blocks(nk, block_size)
-    pb = torch.nn.functional.pad(p * w[:, None, :, None], (0, nbk * block_size - nk, 0, nb * block_size - n))
-    mass = pb.view(B, H, nb, block_size, nbk, block_size).sum((0, 3, 5))  # (H, nb, nbk)
+    tri = torch.ones(n, nk, dtype=torch.bool, device=q.device).triu(nk - n + 1) if causal else None
+    hc = max(1, COLLECT_CHUNK_BYTES // (4 * n * nk))
+    out = torch.empty(B, H, n, v.shape[-1], dtype=q.dtype, device=q.device)
+    mass = torch.zeros(H, nb, nbk, dtype=torch.float64, device=q.device)
+    pad = (0, nbk * block_size - nk, 0, nb * block_size - n)
+    for b in range(B):
+        for h0 in range(0, H, hc):
+            hs = slice(h0, min(H, h0 + hc))
+            sc = (q[b, hs].float() @ k[b, hs].float().transpose(-1, -2)) * scale
+            if mask is not None:
+                m = mask[b] if mask.shape[1] == 1 else mask[b, hs]
+                sc = sc.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else sc + m.float()
+            if tri is not None:
+                sc = sc.masked_fill(tri, float("-inf"))
+            p = torch.softmax(sc, -1).nan_to_num(0.0)  # a query with no allowed key has no mass
+            out[b, hs] = (p.to(v.dtype) @ v[b, hs]).to(q.dtype)
+            pw = torch.nn.functional.pad(p * w[b, None, :, None].to(p.dtype), pad)
+            mass[hs] += pw.view(-1, nb, block_size, nbk, block_size).sum((2, 4), dtype=torch.float64)
     cnt = torch.nn.functional.pad(w.sum(0), (0, nb * block_size - n)).view(nb, block_size).sum(-1)
     old_m, old_c = site.extra.get("attn_mass"), site.extra.get("attn_count")
     if old_m is not None:  # calibration batches of different lengths: grow to the largest
@@ -197,7 +212,7 @@ def _collect_call(site: DERSite, q, k, v, mask, scaling, causal: bool, block_siz
         mass = grow(mass, big, bigk) + grow(old_m, big, bigk)
         cnt = torch.nn.functional.pad(cnt, (0, big - nb)) + torch.nn.functional.pad(old_c, (0, big - old_c.shape[0]))
     site.extra["attn_mass"], site.extra["attn_count"] = mass, cnt
-    return (p.to(v.dtype) @ v).to(q.dtype)
+    return out
 
 
 def attention_rule_layout(mass: torch.Tensor, count: torch.Tensor, sparsity: float, causal: bool = False,
