@@ -37,11 +37,12 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def _meta(d: dict) -> str:
     m = d.get("meta", {})
+    if m.get("aggregated"):
+        return (f"mean ± sd over seeds {m.get('seeds')} (files {', '.join(m.get('sources', []))}), wall time "
+                f"{_f(d.get('wall_seconds'), 0)} s in all, {m.get('threads', '?')} threads")
     la, lb = m.get("loadavg_start"), m.get("loadavg_end")
     load = f"load average (1 min) {_f(la[0], 2)} at start, {_f(lb[0], 2)} at end" if la and lb else "load not recorded"
     wall = f"wall time {_f(d.get('wall_seconds'), 0)} s" if d.get("wall_seconds") is not None else "wall time not recorded"
-    if m.get("aggregated"):
-        return f"mean ± sd over seeds {m.get('seeds')} (files {', '.join(m.get('sources', []))}), {wall} in all, {m.get('threads', '?')} threads"
     return f"{wall}, {m.get('threads', '?')} threads, {load}; config hash `{m.get('config_hash', '?')}`"
 
 
