@@ -1,108 +1,82 @@
 r"""The training hook's :math:`H_\text{diff}` of attention keys (Eq. 2–3), laid out for tiny ``k`` on CPU.
 
 Used by :class:`der.attention.injection.DERHandle` for the default ``sqeuclidean`` metric; equal to
-:func:`der.functional.anchor_entropy` (tests/attention/test_inject.py, with gradcheck).
-:func:`key_entropy_layers` computes all layers of one forward as **one autograd node** with a handwritten
-backward: anchor terms, one ``baddbmm`` per layer that reads the key projection's output in place, a
-softmax over ``k`` along the contiguous token axis (a last-dim softmax over ``k ≈ 10`` is ~10× slower on
-CPU), soft counts and entropies. Written with ordinary autograd ops, this chain was about 200 small ops
-forward and as many backward nodes per training step, whose dispatch cost as much as its arithmetic on
-the small BERT / ViT of ``der bench der-overhead``.
+:func:`der.functional.anchor_entropy` (tests/attention/test_inject.py), about 2–4× cheaper per training
+step on the small BERT / ViT of ``der bench der-overhead``. :func:`key_entropy_layers` computes all
+layers of one forward in one chain (the anchor terms, softmax and entropy once for all layers; one
+``baddbmm`` per layer), as the hook does at ``loss()`` time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+
+from der import functional as DF
 
 __all__ = ["key_entropy", "key_entropy_layers"]
 
 
-class _KeyEntropy(torch.autograd.Function):
-    r"""``(L, B, H)`` entropies of ``L`` layers from anchors ``c_l (H, k, Dh)`` and keys ``xT_l (H, Dh, B·N)``.
+class _AnchorLogits(torch.autograd.Function):
+    """Logits ``(L, H, k, T)`` of ``L`` layers: ``baddbmm(bias[l], W[l], xT[l])`` for each layer's keys
+    ``xT[l] (H, Dh, T)`` (views of the key projection's output, read in place), written into one tensor.
 
-    Logits :math:`2\alpha\,x\cdot c'_j - \alpha\|c'_j\|^2 - 2\alpha\,s\cdot c'_j` with :math:`c' = c - s`,
-    :math:`s` the detached anchor mean (no cancellation for keys far from the origin): they differ from
-    :math:`-\alpha\|x - c_j\|^2` by :math:`\alpha\|x - s\|^2`, the same for every anchor, so the softmax is
-    exact and :math:`s` carries no gradient. Backward, analytically (:math:`q = n/\sum n` the normalised
-    soft counts, :math:`d_j = \partial H/\partial q_j = -\log q_j - 1` with ``der.functional``'s clamp):
-    :math:`\partial H/\partial n_j = (d_j - \sum_i q_i d_i)/\sum n`, broadcast over the sequence's tokens,
-    through the softmax, then :math:`\partial/\partial c_j = 2\alpha\sum_t g_{jt}(x_t - c_j)` and the key
-    gradient :math:`\sum_j g_{jt}\,2\alpha c'_j`, written by one ``bmm`` per layer into a ``(T, H, Dh)``
-    tensor so the view chain back to the projection's ``(B, N, H·Dh)`` output stays views (no copy)."""
+    The key gradient comes out in the key projection's own layout: ``dx = (dLᵀ W)ᵀ`` is written by one
+    ``bmm`` into a ``(T, H, Dh)`` tensor (``out=`` a strided view), so the view/permute chain back to the
+    projection's ``(B, N, H·Dh)`` output stays a chain of views (no copy of the key gradient)."""
 
     @staticmethod
-    def forward(ctx, alpha: float, batch: int, mask: torch.Tensor | None, n_layers: int, *tensors):
-        anchors, xTs = tensors[:n_layers], tensors[n_layers:]
-        a = torch.stack(anchors)  # (L, H, k, D)
-        L, H, k, _ = a.shape
-        T = xTs[0].shape[-1]
-        c = a - a.mean(2, keepdim=True)
-        bias = (c * (2.0 * a - c)).sum(-1, keepdim=True).mul_(-alpha)  # c'·(c' + 2s), s = a - c'
-        w = c.mul_(2.0 * alpha)
-        logits = a.new_empty(L, H, k, T)
+    def forward(ctx, w, b, *xTs):
+        out = w.new_empty(len(xTs), w.shape[1], w.shape[2], xTs[0].shape[-1])
         for i, xT in enumerate(xTs):
-            torch.baddbmm(bias[i], w[i], xT, out=logits[i])
-        p = torch.softmax(logits, 2)
-        m = None if mask is None else mask.reshape(1, 1, 1, T).to(p.dtype)
-        counts = (p if m is None else p * m).view(L, H, k, batch, T // batch).sum(-1)  # (L, H, k, B)
-        total = counts.sum(2, keepdim=True)
-        q = counts / total
-        tiny = torch.finfo(q.dtype).tiny
-        lq = torch.log(q.clamp_min(tiny))
-        ent = -(q * lq).sum(2)  # (L, H, B)
-        ctx.save_for_backward(a, w, p, q, lq, total, m, *xTs)
-        ctx.alpha, ctx.batch, ctx.n_layers = alpha, batch, n_layers
-        return ent.transpose(1, 2).contiguous()
+            torch.baddbmm(b[i], w[i], xT, out=out[i])
+        ctx.save_for_backward(w, *xTs)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        a, w, p, q, lq, total, m, *xTs = ctx.saved_tensors
-        L, H, k, T = p.shape
-        B = ctx.batch
-        d = -(lq + (q >= torch.finfo(q.dtype).tiny).to(q.dtype))  # ∂H/∂q
-        gn = g.transpose(1, 2).unsqueeze(2) * (d - (q * d).sum(2, keepdim=True)) / total  # ∂/∂counts
-        gp = gn.unsqueeze(-1).expand(L, H, k, B, T // B).reshape(L, H, k, T)
-        if m is not None:
-            gp = gp * m
-        gl = torch._softmax_backward_data(gp, p, 2, p.dtype)  # ∂/∂logits (L, H, k, T)
-        need_a = ctx.needs_input_grad[4:4 + ctx.n_layers]
-        need_x = ctx.needs_input_grad[4 + ctx.n_layers:]
-        gsum = gl.sum(-1, keepdim=True) if any(need_a) else None
-        gas, gxs = [], []
+        w, *xTs = ctx.saved_tensors
+        gw = torch.empty_like(w) if ctx.needs_input_grad[0] else None
+        gxs = []
         for i, xT in enumerate(xTs):
-            ga = gx = None
-            if need_a[i]:
-                ga = torch.bmm(gl[i], xT.transpose(1, 2))
-                ga.sub_(gsum[i] * a[i]).mul_(2.0 * ctx.alpha)
-            if need_x[i]:
-                _, D, _ = xT.shape
-                gx = gl.new_empty(T, H, D)
-                torch.bmm(gl[i].transpose(1, 2), w[i], out=gx.transpose(0, 1))
+            if gw is not None:
+                torch.bmm(g[i], xT.transpose(1, 2), out=gw[i])
+            gx = None
+            if ctx.needs_input_grad[2 + i]:
+                H, D, T = xT.shape
+                gx = g.new_empty(T, H, D)
+                torch.bmm(g[i].transpose(1, 2), w[i], out=gx.transpose(0, 1))
                 gx = gx.permute(1, 2, 0)
-            gas.append(ga)
             gxs.append(gx)
-        return None, None, None, None, *gas, *gxs
+        return gw, g.sum(-1, keepdim=True), *gxs
 
 
-def key_entropy_layers(keys: Sequence[torch.Tensor], anchors: torch.Tensor | Sequence[torch.Tensor], alpha: float,
+def key_entropy_layers(keys: list[torch.Tensor], anchors: torch.Tensor, alpha: float,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     r"""Per-layer, per-sequence, per-head :math:`H_\text{diff}` ``(L, B, H)`` of ``L`` layers' keys
-    ``(B, H, N, Dh)`` (one shape; views of key projections' outputs are read in place) with anchors
-    ``(L, H, k, Dh)`` or a list of ``L`` ``(H, k, Dh)`` tensors, optionally over the tokens with
-    ``mask (B, N)`` True (Eq. 2–3, ``sqeuclidean``): one autograd node (:class:`_KeyEntropy`)."""
-    anchors = list(anchors.unbind(0)) if isinstance(anchors, torch.Tensor) else list(anchors)
-    if len(anchors) != len(keys):
-        raise ValueError(f"{len(keys)} layers of keys but {len(anchors)} anchor sets")
+    ``(B, H, N, Dh)`` (one shape) with anchors ``(L, H, k, Dh)``, optionally over the tokens with ``mask
+    (B, N)`` True (Eq. 2–3, ``sqeuclidean``).
+
+    Same value as :func:`der.functional.anchor_entropy` per layer, laid out for the training hook: the logits
+    :math:`-\alpha\|x-c_j\|^2 + \text{const} = 2\alpha\,x\cdot c'_j - \alpha\|c'_j\|^2 - 2\alpha\,s\cdot c'_j`
+    (:math:`c' = c - s`, :math:`s` the detached anchor mean: no cancellation for keys far from the
+    origin) are computed as ``(L, H, k, B·N)`` by one ``baddbmm`` per layer that reads the key projection's
+    ``(B, N, H·Dh)`` output in place (no copy), and the softmax runs over ``k`` along the contiguous
+    token axis (a last-dim softmax over ``k ≈ 10`` is ~10× slower on CPU). Everything but the ``baddbmm``
+    runs once for all layers (a few dozen fewer small kernels per layer, forward and backward)."""
     B, H, N, D = keys[0].shape
-    dtype = anchors[0].dtype
-    xTs = [x.to(dtype).permute(1, 3, 0, 2).reshape(H, D, B * N) for x in keys]
-    return _KeyEntropy.apply(float(alpha), B, mask, len(anchors), *anchors, *xTs)
+    L, k = anchors.shape[0], anchors.shape[-2]
+    xTs = [x.to(anchors.dtype).permute(1, 3, 0, 2).reshape(H, D, B * N) for x in keys]
+    shift = anchors.detach().mean(-2, keepdim=True)
+    c = anchors - shift
+    bias = (c * (c + 2.0 * shift)).sum(-1, keepdim=True).mul(-alpha)  # (L, H, k, 1)
+    p = torch.softmax(_AnchorLogits.apply(c.mul(2.0 * alpha), bias, *xTs), 2)
+    if mask is not None:
+        p = p * mask.reshape(1, 1, 1, B * N).to(p.dtype)
+    return DF.entropy_from_counts(p.view(L, H, k, B, N).sum(-1).permute(0, 3, 1, 2))
 
 
 def key_entropy(keys: torch.Tensor, anchors: torch.Tensor, alpha: float, mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                 ) -> torch.Tensor:
     r"""Per-sequence, per-head :math:`H_\text{diff}` ``(B, H)`` of keys ``(B, H, N, Dh)`` with per-head
     anchors ``(H, k, Dh)``: :func:`key_entropy_layers` of one layer."""
-    return key_entropy_layers([keys], [anchors], alpha, mask)[0]
+    return key_entropy_layers([keys], anchors[None], alpha, mask)[0]

@@ -223,7 +223,6 @@ class DERHandle:
         self.converted = None  # set by der.attention.convert
         self.dense_fallbacks: dict[str, int] = {}  # reason → count (convert: never silent)
         self._key_mask: torch.Tensor | None = None
-        self._groups: list[tuple[list[DERSite], torch.Tensor]] = []  # (sites, (L, B, H)) of this forward
         self._root_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         self._removed = False
 
@@ -248,7 +247,6 @@ class DERHandle:
     def _on_forward(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         self._key_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self._groups = []
         for s in self.sites:
             s.entropy = s.pending = None
 
@@ -325,11 +323,8 @@ class DERHandle:
                 s.entropy = DF.entropy_from_counts(p.sum(-2))
             s.pending = None
         for sites in groups.values():
-            ent = key_entropy_layers([s.pending for s in sites], [s.anchors.anchors for s in sites], alpha,
-                                     sites[0].key_mask)
-            # a forward that bypassed the root hook leaves older groups: drop those of these sites
-            self._groups = [(ss, e) for ss, e in self._groups if not any(x in sites for x in ss)]
-            self._groups.append((sites, ent))
+            anchors = torch.stack([s.anchors.anchors for s in sites])
+            ent = key_entropy_layers([s.pending for s in sites], anchors, alpha, sites[0].key_mask)
             for s, e in zip(sites, ent.unbind(0), strict=True):
                 s.entropy, s.pending = e, None
 
@@ -391,15 +386,12 @@ class DERHandle:
         Anchor sets whose layer did not run contribute ``0·Σ anchors`` so every anchor gets a gradient.
         """
         self._compute_pending()
-        grouped = {id(s) for sites, _ in self._groups for s in sites}
-        # one mean per group of layers computed together (usually all of them), one per other site
-        ent = [e.mean((1, 2)) for _, e in self._groups]
-        ent += [s.entropy.mean()[None] for s in self.sites if s.entropy is not None and id(s) not in grouped]
+        ent = [s.entropy.mean() for s in self.sites if s.entropy is not None]
         if not ent and self.regularize and not self.active:  # an off-step of `every`: keep anchors in the graph
             return sum(s.anchors.anchors.sum() * 0.0 for s in self.sites)
         if not ent:
             raise RuntimeError("no DER entropy recorded: run a forward pass of the model first (with handle.regularize=True)")
-        h = ent[0].mean() if len(ent) == 1 else torch.cat(ent).mean()
+        h = torch.stack(ent).mean()
         idle = [s.anchors.anchors.sum() * 0.0 for s in self.sites if s.entropy is None]
         return self.lam * h + (sum(idle) if idle else 0.0)
 
