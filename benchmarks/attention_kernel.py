@@ -2,7 +2,7 @@
 
 import sys
 
-from der.bench.attention_kernel import main
+from der_lab.bench.attention_kernel import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

