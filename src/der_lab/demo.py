@@ -12,14 +12,13 @@ Every number printed is measured in this run; results go to ``--out`` (JSON + PN
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 import der
 import der.functional as F
-from der_lab.harness import median_time, results_dir
+from der_lab.harness import Run, median_time, results_dir
 
 
 def clustered_points(n: int = 2000, k: int = 5, seed: int = 0) -> torch.Tensor:
@@ -154,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     out = results_dir() / "demo" if args.out is None else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    report: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    run = Run()
+    report: dict = {}
     sections = (("surrogates", "1. Surrogates on a clustered point set, sharpened towards the hard entropy",
                  lambda: surrogates_section(out)),
                 ("geometry", "2. Geometry: exact hull vs SciPy, EntropyNet pipeline",
@@ -167,6 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:  # an optional extra is missing: say so, keep going
             report[key] = {"skipped": f"missing dependency: {e}"}
             print(f"  skipped: missing dependency ({e})")
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str))
+    run.write(out / "demo.json", report)
     print(f"results: {out / 'demo.json'}")
     return 0

@@ -1,11 +1,11 @@
-"""The bootstrap interval the overhead benchmark reports (der_lab.bench.der_overhead)."""
+"""The bootstrap interval the overhead benchmark reports (der_lab.harness.bootstrap_median_ci)."""
 
 import statistics
 
 import pytest
 import torch
 
-from der_lab.bench.der_overhead import bootstrap_median_ci
+from der_lab.harness import bootstrap_median_ci
 
 
 def test_bootstrap_ci_brackets_the_median_and_shrinks_with_n():

@@ -13,10 +13,6 @@ kernel from 4× dense is the rest (softmax, gathers, Python).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +20,7 @@ import torch.nn.functional as F
 
 from der.attention.baselines import bigbird_layout
 from der.attention.kernels import block_sparse_attention
-from der_lab.harness import result_path
+from der_lab.harness import Run, result_path, time_call, time_calls
 
 BLOCK, DH, DENSITY = 64, 64, 0.25
 SHAPES = ((1, 6, 256), (8, 6, 256), (1, 6, 1024), (1, 12, 4096))
@@ -32,20 +28,10 @@ GROUPS = {"matmul": ("aten::baddbmm", "aten::bmm"), "softmax": ("aten::_softmax"
           "gather": ("aten::index_select",)}
 
 
-def _median_s(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def sgemm_gflops(n: int = 512, repeats: int = 20) -> float:
     """Single-process square SGEMM rate (GFLOP/s) at the current thread count."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _median_s(lambda: a @ b, repeats) / 1e9
+    return 2 * n**3 / time_call(lambda: a @ b, repeats=repeats).median_s / 1e9
 
 
 def breakdown(B: int, H: int, N: int, repeats: int) -> dict:
@@ -53,8 +39,9 @@ def breakdown(B: int, H: int, N: int, repeats: int) -> dict:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, N, DH, generator=g) for _ in range(3))
     with torch.no_grad():
-        ours = _median_s(lambda: block_sparse_attention(q, k, v, lay, BLOCK, backend="cpu"), repeats)
-        dense = _median_s(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+        t = time_calls({"ours": lambda: block_sparse_attention(q, k, v, lay, BLOCK, backend="cpu"),
+                        "dense": lambda: F.scaled_dot_product_attention(q, k, v)}, repeats=repeats)
+        ours, dense = t["ours"].median_s, t["dense"].median_s
         from torch.profiler import profile
 
         with profile() as prof:
@@ -80,15 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     torch.set_num_threads(1)
-    load = os.getloadavg()
+    meta = Run()
     peak = sgemm_gflops()
     rows = [breakdown(B, H, N, max(3, args.repeats // (4 if N >= 4096 else 1))) for B, H, N in SHAPES]
     for r in rows:
         r["matmul_fraction_of_sgemm"] = r["matmul_gflops"] / peak if r["matmul_gflops"] else None
-    res = {"benchmark": "attention_breakdown", "threads": 1, "sgemm_512_gflops": peak, "loadavg_before": load,
-           "loadavg_after": os.getloadavg(), "layout": "bigbird_layout(nb, H, 0.25, seed=0)", "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    res = {"benchmark": "attention_breakdown", "threads": 1, "sgemm_512_gflops": peak,
+           "layout": "bigbird_layout(nb, H, 0.25, seed=0)", "rows": rows}
+    meta.write(args.out, res)
     print(f"single-thread SGEMM 512³: {peak:.1f} GFLOP/s")
     for r in rows:
         sh = r["op_share_of_kernel"]

@@ -28,12 +28,8 @@ the same thread count). Goal: ours ≥ 3× dense at 75% sparsity on CPU (limit 4
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -43,23 +39,10 @@ from der.attention import kernels
 from der.attention.baselines import bigbird_layout
 from der.attention.kernels import block_sparse_attention
 from der.attention.metrics import block_sparsity
-from der_lab.harness import result_path
+from der_lab.harness import Run, result_path, time_calls
 
 BLOCK, DH, DENSITY = 64, 64, 0.25
 MIN_DENSE_S, MAX_REPEATS = 0.25, 60
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _timed(fn, dev: torch.device) -> tuple[float, float]:
-    _sync(dev)
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    _sync(dev)
-    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _methods(q, k, v, lay, dev, with_flex: bool, mode: str) -> dict:
@@ -106,26 +89,20 @@ def bench_shape(B: int, H: int, N: int, dev: torch.device, repeats: int, with_fl
     for mode in ("fwd", "fwd+bwd"):
         q, k, v = (t.clone().requires_grad_(mode == "fwd+bwd") for t in base)
         fns = _methods(q, k, v, lay, dev, with_flex, mode)
-        t_compile, t_second = {}, {}
-        for name, fn in fns.items():  # warm-up (compiles flex); the second call sizes adaptive repeats
-            t_compile[name] = _timed(fn, dev)[0]
-            t_second[name] = _timed(fn, dev)[0]
-        wall = {n: [] for n in fns}
-        cpu = {n: [] for n in fns}
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+        # two warm-up rounds: the first compiles flex, the second sizes the adaptive repeats
+        warm = time_calls(fns, repeats=0, warmup=2, sync=sync)
         reps = repeats
         if adaptive:
-            reps = max(repeats, min(MAX_REPEATS, math.ceil(MIN_DENSE_S / max(t_second["dense"], 1e-6))))
-        for _ in range(reps):
-            for name, fn in fns.items():
-                w, c = _timed(fn, dev)
-                wall[name].append(w)
-                cpu[name].append(c)
+            reps = max(repeats, min(MAX_REPEATS, math.ceil(MIN_DENSE_S / max(warm["dense"].warmup_s[1], 1e-6))))
+        t = time_calls(fns, repeats=reps, warmup=0, sync=sync)
+        wall = {n: t[n].wall_s for n in fns}
         row = {"B": B, "H": H, "N": N, "Dh": DH, "mode": mode, "repeats": reps,
                "block_sparsity": block_sparsity(lay)}
         for name in fns:
-            row[f"{name}_wall_s"] = statistics.median(wall[name])
-            row[f"{name}_cpu_s"] = statistics.median(cpu[name])
-            row[f"{name}_first_call_s"] = t_compile[name]
+            row[f"{name}_wall_s"] = t[name].median_s
+            row[f"{name}_cpu_s"] = t[name].cpu_median_s
+            row[f"{name}_first_call_s"] = warm[name].warmup_s[0]
             if name != "dense":
                 row[f"{name}_speedup"] = row["dense_wall_s"] / row[f"{name}_wall_s"]
                 row[f"{name}_speedup_cpu_time"] = row["dense_cpu_s"] / row[f"{name}_cpu_s"]
@@ -159,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(1, 6, 256), (1, 12, 1024), (8, 6, 1024), (1, 12, 4096)] if args.quick else [
         (B, H, N) for N in (256, 1024, 4096) for B in (1, 8) for H in (6, 12)]
     out_path = result_path("attention_kernel_quick.json" if args.quick else "attention_kernel.json", args.out)
-    load_before = os.getloadavg()
-    t_start = time.perf_counter()
+    run = Run()
     rows = []
     print(f"{'B':>2} {'H':>3} {'N':>5} {'mode':>8} {'dense s':>9} {'ours s':>9} {'flex s':>9} "
           f"{'ours x':>8} {'flex x':>8} {'ours x(cpu)':>11}")
@@ -186,18 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {
         "benchmark": "attention_kernel",
-        "meta": {"torch": torch.__version__, "device": str(dev), "threads": torch.get_num_threads(),
-                 "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                 "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                 "wall_total_s": time.perf_counter() - t_start, "block_size": BLOCK, "density": DENSITY,
+        "meta": {"device": str(dev), "block_size": BLOCK, "density": DENSITY,
                  "layout": "bigbird_layout(nb, H, 0.25, seed=0): 1 global + random + window blocks per row",
                  "note": "shared 2-core machine with other jobs running: timings are noisy; speedups are "
                          "ratios of medians of interleaved repeats in one process"},
         "rows": rows,
         "summary": summary,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
+    run.write(out_path, result)
     print(f"ours speedup: median {summary['ours_speedup_median']:.2f}x, min {summary['ours_speedup_min']:.2f}x"
           f" → {out_path}")
     return 0

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 import der.functional as F
-from der_lab.harness import result_path
+from der_lab.harness import Run, result_path
 
 
 def paper_gradient(x, c, alpha):
@@ -92,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3000)
     args = ap.parse_args(argv)
     args.out = result_path("core_gradient_check.json", args.out)
+    meta = Run()
     res = run(steps=args.steps)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    meta.write(args.out, res)
     print(f"{'seed':>4} {'paper grad rel.err':>20} {'derived rel.err':>16} {'|grad| at stat.':>16} {'p² fixed-pt resid':>18}")
     for r in res["rows"]:
         print(f"{r['seed']:>4} {r['paper_grad_rel_err_vs_autograd']:>20.3e} {r['derived_grad_rel_err_vs_autograd']:>16.3e} "

@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from der_lab.harness import result_path
+from der_lab.harness import Run, bootstrap_median_ci, result_path, time_calls
 
 
 def _bert(quick: bool):
@@ -58,9 +54,8 @@ def _vit(quick: bool):
     return ViTForImageClassification(cfg), batch, 65, f"ViT 4L/192d/3h, B={b}, N=65 (8x8 patches + CLS)"
 
 
-def _step(model, opt, batch, handle=None) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one full training step."""
-    t0, c0 = time.perf_counter(), time.process_time()
+def _step(model, opt, batch, handle=None) -> None:
+    """One full training step."""
     opt.zero_grad(set_to_none=True)
     loss = model(**batch).loss
     if handle is not None:
@@ -69,7 +64,6 @@ def _step(model, opt, batch, handle=None) -> tuple[float, float]:
     opt.step()
     if handle is not None:
         handle.step()
-    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def measure(make, quick: bool, repeats: int, warmup: int, num_anchors, every: int) -> dict:
@@ -84,22 +78,12 @@ def measure(make, quick: bool, repeats: int, warmup: int, num_anchors, every: in
     der_model(**batch)  # initializes anchors from the keys before the optimizer is built
     opt_b = torch.optim.AdamW(base.parameters(), lr=1e-4)
     opt_d = torch.optim.AdamW(der_model.parameters(), lr=1e-4)
-    for _ in range(warmup):
-        _step(base, opt_b, batch)
-        _step(der_model, opt_d, batch, handle)
-    tb, td = [], []
-    for i in range(repeats):
-        if i % 2 == 0:  # alternate who goes first
-            tb.append(_step(base, opt_b, batch))
-            td.append(_step(der_model, opt_d, batch, handle))
-        else:
-            td.append(_step(der_model, opt_d, batch, handle))
-            tb.append(_step(base, opt_b, batch))
+    t = time_calls({"baseline": lambda: _step(base, opt_b, batch), "der": lambda: _step(der_model, opt_d, batch, handle)},
+                   repeats=repeats, warmup=warmup, alternate=True)  # alternate who goes first
     k = handle.sites[0].anchors.anchors.shape[1]
     out = {"model": desc, "k": k, "layers": len(handle.sites), "heads": handle.sites[0].heads, "repeats": repeats}
-    for j, clock in enumerate(("wall", "cpu")):
-        b = [t[j] for t in tb]
-        d = [t[j] for t in td]
+    for clock in ("wall", "cpu"):
+        b, d = getattr(t["baseline"], f"{clock}_s"), getattr(t["der"], f"{clock}_s")
         mb, md = statistics.median(b), statistics.median(d)
         out[f"{clock}_baseline_ms"], out[f"{clock}_der_ms"] = 1e3 * mb, 1e3 * md
         out[f"{clock}_overhead_pct"] = 100 * (md / mb - 1)
@@ -110,19 +94,6 @@ def measure(make, quick: bool, repeats: int, warmup: int, num_anchors, every: in
         lo, hi = bootstrap_median_ci([x / y for x, y in zip(d, b, strict=True)])
         out[f"{clock}_paired_overhead_ci95_pct"] = [100 * (lo - 1), 100 * (hi - 1)]
     return out
-
-
-def bootstrap_median_ci(values: list[float], level: float = 0.95, resamples: int = 4000, seed: int = 0
-                        ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the median of ``values`` (here: per-pair step-time ratios)."""
-    if not values:
-        raise ValueError("no values")
-    x = torch.tensor(values, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    meds = x[torch.randint(len(values), (resamples, len(values)), generator=g)].quantile(0.5, dim=-1)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.quantile(meds, q).tolist()
-    return lo, hi
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,20 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     # thread, so process CPU time measures the work done and is insensitive to other jobs on the machine.
     torch.set_num_threads(args.threads)
     rows = []
-    load_before, t_start = os.getloadavg(), time.perf_counter()
+    meta = Run()
     for name, make in (("bert", _bert), ("vit", _vit)):
         for rule, every in (("sqrt", 1), ("cbrt", 1), ("sqrt", 4)):
             r = measure(make, args.quick, repeats, warmup=3, num_anchors=rule, every=every)
             r.update(name=name, anchors_rule=rule, every=every)
             rows.append(r)
     out = {"goal_pct": 2.0, "paper_pct": "2.1-3.5 (FAISS), 8-12 (naive)", "quick": args.quick,
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
            "note": "CPU, shared machine; interleaved steps, medians; cpu = process CPU time (primary), "
                    "wall = perf_counter; *_min_overhead_pct = ratio of the fastest steps",
-           "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-           "wall_total_s": time.perf_counter() - t_start, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+           "rows": rows}
+    meta.write(args.out, out)
     print(f"{'model':<45} {'every':>5} {'k':>3} {'cpu base':>9} {'cpu DER':>9} {'cpu ovh':>8} {'paired':>8} "
           f"{'95% CI':>15} {'min':>7} {'wall ovh':>9}")
     for r in rows:

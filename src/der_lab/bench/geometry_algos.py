@@ -26,34 +26,22 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from der_lab.harness import docs_dir, result_path
+from der_lab.harness import Run, docs_dir, result_path, time_calls
 
 HULL_DISTS = ("square", "disk", "gaussian", "parabola", "clustered", "circle")
 
 
 def _time(fns: dict[str, Callable], repeats: int, check: Callable[[str, object], bool]) -> dict:
-    """Interleaved timing: warm-up once each, then ``repeats`` rounds; median wall/CPU per method."""
-    wall: dict[str, list] = {k: [] for k in fns}
-    cpu: dict[str, list] = {k: [] for k in fns}
-    ok = dict.fromkeys(fns, True)
-    for k, f in fns.items():
-        ok[k] &= bool(check(k, f()))
-    for _ in range(repeats):
-        for k, f in fns.items():
-            c0, w0 = time.process_time(), time.perf_counter()
-            out = f()
-            w1, c1 = time.perf_counter(), time.process_time()
-            wall[k].append(w1 - w0)
-            cpu[k].append(c1 - c0)
-            ok[k] &= bool(check(k, out))
-    return {k: {"wall_s": statistics.median(wall[k]), "cpu_s": statistics.median(cpu[k]), "exact": ok[k],
+    """Interleaved timing (:func:`der_lab.harness.time_calls`: warm-up once each, then ``repeats`` rounds);
+    median wall/CPU per method, and whether its last output passes ``check``."""
+    t = time_calls(fns, repeats=repeats, warmup=1)
+    return {k: {"wall_s": t[k].median_s, "cpu_s": t[k].cpu_median_s, "exact": bool(check(k, t[k].result)),
                 "runs": repeats} for k in fns}
 
 
@@ -208,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs_only:
         write_docs(json.loads(out.read_text()))
         return 0
+    run = Run()
     t0 = time.perf_counter()
     from der.geometry import convex_hull, data
 
@@ -225,12 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_delaunay([n for n in (10**4, 10**5) if n <= max(big)], reps, rows)
     bench_maxima([n for n in (10**5, 10**6) if n <= max(big)], reps, rows)
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} cores", "load_avg_1m_at_end": os.getloadavg()[0], "repeats": reps,
+           f"{os.cpu_count()} cores", "repeats": reps,
            "first_call_s": first,
-           "note": "The machine was shared with other jobs (see load_avg_1m_at_end); wall times are noisy, "
+           "note": "The machine was shared with other jobs (see meta.loadavg_start / loadavg_end); wall times are noisy, "
                    "CPU-time ratios are the steadier figure.",
            "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    run.write(out, res)
     print(f"wrote {out} and {write_docs(res)}")
     return 0

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from der_lab.harness import docs_dir, median_time, result_path, results_dir
+from der_lab.harness import Run, docs_dir, median_time, result_path, results_dir, write_json
 
 ABLATIONS = ("k", "estimator", "fixed", "alpha", "lambda", "taskloss", "baselines")
 MD_HEAD = """# EntropyNet: the paper's learned preprocessor, measured
@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             new = _maxima_all(sizes, res["repeats"])
         res["rows"] = [r for r in res["rows"] if r["task"] != a.only] + new
-        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+        res.setdefault("meta", {})[f"rerun_{a.only}"] = Run().meta()
+        write_json(a.out, res, indent=2)
         print(_table({"rows": new}))
         return 0
     if a.docs:
@@ -346,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [10_000, 100_000] if a.quick else [int(float(s)) for s in a.sizes.split(",")]
     reps = 3 if a.quick else a.repeats
+    meta = Run()
     res = run(sizes, a.dists.split(","), reps, min(a.net_repeats, reps))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    meta.write(a.out, res)
     print(_table(res))
     print(f"wrote {a.out}")
     return 0

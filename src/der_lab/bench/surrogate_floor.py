@@ -38,7 +38,7 @@ from der_lab.bench.surrogate_op import (
     step,
     time_step,
 )
-from der_lab.harness import result_path
+from der_lab.harness import Run, result_path
 
 
 def _affine(x: torch.Tensor, c: torch.Tensor, alpha: float = ALPHA):
@@ -183,6 +183,7 @@ def first_touch(mib: int = 64, budget_s: float = 1.0) -> dict:
 
 
 def breakdown(n: int, k: int, d: int, budget_s: float = 2.0) -> dict:
+    run = Run()
     rate = matmul_rate()
     floor = 4.0 * n * k * d / rate
     res = {
@@ -193,7 +194,6 @@ def breakdown(n: int, k: int, d: int, budget_s: float = 2.0) -> dict:
         "floor_s": floor,
         "threads": torch.get_num_threads(),
     }
-    res["load_avg_start"] = os.getloadavg()
     res["parts"] = parts(n, k, d, budget_s)
     res["alternatives"] = alt = alternatives(n, k, d, budget_s)
     res["ratios_to_floor"] = {
@@ -202,7 +202,7 @@ def breakdown(n: int, k: int, d: int, budget_s: float = 2.0) -> dict:
         **{name: alt[name] / floor for name in ("ours_streaming", "compiled_chunks", "keep_probabilities")},
     }
     res["first_touch"] = first_touch()
-    res["load_avg_end"] = os.getloadavg()
+    res["meta"] = run.meta()
     return res
 
 

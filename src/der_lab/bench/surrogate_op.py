@@ -30,17 +30,15 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from der._io import atomic_write, merge_json
-from der_lab.harness import result_path
+from der._io import merge_json
+from der_lab.harness import Run, result_path, time_call
 
 ALPHA = 10.0
 GRID_N = (10_000, 100_000, 1_000_000)
@@ -94,14 +92,8 @@ def step(method: str, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def time_step(fn: Callable[[], object], budget_s: float = 3.0, min_rep: int = 3, max_rep: int = 9) -> dict:
     """Median wall time after one warm-up; repeats until ``budget_s`` is spent (within [min_rep, max_rep])."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_rep or (len(times) < max_rep and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
+    t = time_call(fn, repeats=min_rep, warmup=1, budget_s=budget_s, max_repeats=max_rep)
+    return {"median_s": t.median_s, "min_s": t.min_s, "repeats": t.repeats}
 
 
 def matmul_rate(size: int = 2048) -> float:
@@ -314,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = list(GOAL_CASES)
     else:
         cases = [(n, k, d) for n in GRID_N for k in GRID_K for d in GRID_D] + [GOAL_CASES[1]]
-    load_start = os.getloadavg()
+    run = Run()
     rate = matmul_rate()
     rows = []
     for n, k, d in cases:
@@ -331,11 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_rate_flops": rate,
         "matmul_rate_flops_end": rate_end,
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "load_avg_start": load_start,
-        "load_avg_end": os.getloadavg(),
         # PyTorch's huge-page switch (read once, before the first allocation): on this VM a 4 KiB page
         # fault costs ~1 µs (der bench surrogate-floor), a large part of the naive path's time without it.
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
@@ -343,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "truncation": truncation_errors(),
     }
-    atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    run.write(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

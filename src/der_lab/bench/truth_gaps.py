@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import numpy as np
 
 from der.truth import range_partition_entropy, work_entropy
-from der_lab.harness import result_path
+from der_lab.harness import Run, result_path
 
 FAMILIES = ("square", "gaussian", "clustered", "circle")
 
@@ -61,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="result JSON (default <results>/truth_gaps.json)")
     args = ap.parse_args(argv)
     args.out = result_path("truth_gaps.json", args.out)
+    meta = Run()
     res = run({"hull2d": (6, 8, 10), "maxima2d": (8, 12)}, args.seeds)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    meta.write(args.out, res)
     print(f"{'problem':9s} {'family':10s} {'n':>3s} {'exact':>7s} {'upper':>7s} {'gap':>6s} {'W/n':>6s}  (means over seeds)")
     keys = sorted({(r["problem"], r["family"], r["n"]) for r in res["rows"]})
     for p, f, n in keys:

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Subset
 
 from der.data import ByteWindows, stdlib_corpus
-from der.training import fit, seed_everything
-from der_lab.experiments.common import median_ms, run_experiment
+from der_lab.experiments.common import byte_llama, median_ms, run_experiment, train_lm
 
 
 @dataclasses.dataclass
@@ -63,12 +61,7 @@ class ByteLMConfig:
 
 
 def _model(cfg: ByteLMConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = LlamaConfig(vocab_size=256, hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
-                    num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                    max_position_embeddings=cfg.context, attn_implementation="sdpa", tie_word_embeddings=True)
-    return LlamaForCausalLM(c)
+    return byte_llama(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, context=cfg.context)
 
 
 def _inject(model, cfg: ByteLMConfig):
@@ -79,23 +72,8 @@ def _inject(model, cfg: ByteLMConfig):
 
 
 def _train(model, ds, steps: int, cfg: ByteLMConfig, out: Path, handle=None, lr: float | None = None) -> None:
-    seed_everything(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    idx = torch.randint(len(ds), (steps * cfg.batch_size,), generator=g).tolist()
-    loader = torch.utils.data.DataLoader(Subset(ds, idx), batch_size=cfg.batch_size, shuffle=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr or cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr or cfg.lr, total_steps=steps, pct_start=0.1)
-
-    def loss_fn(m, batch):
-        x, y = batch
-        logits = m(input_ids=x).logits
-        loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
-        if handle is not None and handle.regularize:
-            return loss + handle.loss(), {"ce": float(loss.detach())}
-        return loss
-
-    fit(model, opt, loader, loss_fn, epochs=1, out_dir=out, config=cfg, scheduler=sched,
-        on_step=(lambda s: handle.step()) if handle is not None else None)
+    train_lm(model, ds, steps=steps, batch_size=cfg.batch_size, lr=lr or cfg.lr, seed=cfg.seed, out=out,
+             config=cfg, handle=handle)
 
 
 @torch.no_grad()

@@ -1,19 +1,17 @@
-"""Shared pieces of the experiments: typed configs on the CLI, tiny HF ViTs, training/eval, timing, results.
+"""Shared pieces of the experiments: tiny HF ViTs and Llamas, training/eval, timing, results.
 
 Every experiment module defines a frozen-ish ``@dataclass`` config with a ``quick()`` classmethod and a
-``main(argv)`` that calls :func:`parse_config` (``--quick`` picks the quick defaults; every field is also a
-``--flag``), runs, and writes ``benchmarks/results/exp_<name>[_quick].json`` through :func:`write_result`.
+``main(argv)`` that calls :func:`run_experiment`: :func:`der_lab.harness.parse_config` (``--quick`` picks
+the quick defaults; every field is also a ``--flag``), the run, and :func:`write_result` of
+``<results>/exp_<name>[_quick].json``. Models shared by several experiments live here, public
+(``vit-digits`` and ``mask-iou`` share :func:`digits_vit_der`; ``byte-lm`` and ``lora-llama`` share
+:func:`byte_llama` and :func:`train_lm`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import platform
-import statistics
 import time
-import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,14 +19,18 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from der.training import config_hash, fit, seed_everything, write_json
-from der_lab.harness import results_dir
+from der.training import config_hash, fit, seed_everything
+from der_lab.harness import Run, parse_config, result_path, time_call
 
 __all__ = [
-    "parse_config",
     "write_result",
+    "run_experiment",
+    "DigitsTraining",
+    "digits_vit_der",
+    "byte_llama",
+    "train_lm",
     "ViTSpec",
     "tiny_vit",
     "VIBHead",
@@ -39,64 +41,13 @@ __all__ = [
 ]
 
 C = TypeVar("C")
-_LOAD: dict[str, list[float]] = {}  # 1/5/15-minute load averages when the run started (see write_result)
 
-def _parse_value(tp: Any, text: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is tuple or tp is tuple:
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [str]
-        return tuple(_parse_value(args[0], t) for t in text.split(",") if t)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if text.lower() == "none":
-            return None
-        return _parse_value(args[0], text)
-    if tp is bool:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-    return tp(text)
-
-
-def parse_config(cls: type[C], argv: list[str] | None, prog: str, description: str = "") -> tuple[C, argparse.Namespace]:
-    """Build ``cls`` from ``--quick`` + ``--field value`` flags (comma lists for tuples); bad values exit 2."""
-    hints = typing.get_type_hints(cls)
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--quick", action="store_true", help="the minutes-scale configuration (what tests run)")
-    p.add_argument("--out", type=Path, default=None, help="result JSON path (default benchmarks/results/exp_<name>[_quick].json)")
-    p.add_argument("--run-dir", type=Path, default=None, help="checkpoints/logs folder (default runs/<name>[_quick])")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2 with --quick, else torch's)")
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=str(getattr(tp, "__name__", tp)),
-                       type=lambda s, tp=tp: _parse_value(tp, s), help=f"(default {f.default!r})"
-                       if f.default is not dataclasses.MISSING else None)
-    ns = p.parse_args(argv)
-    threads = ns.threads if ns.threads is not None else (2 if ns.quick else None)
-    if threads is not None:
-        if threads < 1:
-            p.error(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    _LOAD["start"] = list(os.getloadavg())
-    base = cls.quick() if ns.quick else cls()  # type: ignore[attr-defined]
-    overrides = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name) is not None}
-    try:
-        cfg = dataclasses.replace(base, **overrides)
-    except ValueError as e:
-        p.error(f"invalid config: {e}")
-    return cfg, ns
-
-
-def write_result(name: str, cfg: Any, quick: bool, payload: dict, out: Path | None = None) -> Path:
-    """``benchmarks/results/exp_<name>[_quick].json`` with config, hash and the machine it ran on."""
-    path = out or results_dir() / f"exp_{name}{'_quick' if quick else ''}.json"
-    meta = {"experiment": name, "quick": quick, "config": dataclasses.asdict(cfg), "config_hash": config_hash(cfg),
-            "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "loadavg_start": _LOAD.get("start"), "loadavg_end": list(os.getloadavg()),
-            "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    return write_json(path, {"meta": meta, **payload})
+def write_result(name: str, cfg: Any, quick: bool, payload: dict, out: Path | None = None,
+                 run: Run | None = None) -> Path:
+    """``<results>/exp_<name>[_quick].json`` (or ``out``) with config, hash and :class:`Run` metadata."""
+    path = result_path(f"exp_{name}{'_quick' if quick else ''}.json", out)
+    meta = {"experiment": name, "quick": quick, "config": dataclasses.asdict(cfg), "config_hash": config_hash(cfg)}
+    return (run or Run()).write(path, {**payload, "meta": meta})
 
 
 def run_experiment(name: str, cls: type, run: Callable[[Any, Path], dict], argv: list[str] | None, doc: str,
@@ -108,7 +59,7 @@ def run_experiment(name: str, cls: type, run: Callable[[Any, Path], dict], argv:
     t0 = time.perf_counter()
     res = run(cfg, run_dir)
     res["wall_seconds"] = time.perf_counter() - t0
-    return res, write_result(name, cfg, ns.quick, res, ns.out)
+    return res, write_result(name, cfg, ns.quick, res, ns.out, ns.run)
 
 
 # ----------------------------------------------------------------------------- models
@@ -162,6 +113,53 @@ def tiny_vit(spec: ViTSpec, attn_implementation: str = "sdpa") -> nn.Module:
             spec.channels, spec.hidden, kernel_size=spec.patch_size + 2 * spec.overlap, stride=spec.patch_size,
             padding=spec.overlap)
     return model
+
+
+def digits_vit_der(spec: ViTSpec, *, block_size: int, lam: float, alpha: float, seed: int,
+                   state: dict | None = None) -> tuple[nn.Module, Any]:
+    """A :func:`tiny_vit` with DER injected into its keys (``der.attention.inject``), optionally loaded from
+    ``state``; returns ``(model, handle)``."""
+    from der.attention import DERConfig, inject
+
+    model = tiny_vit(spec)
+    handle = inject(model, DERConfig(block_size=block_size, lam=lam, alpha=alpha, seed=seed))
+    if state is not None:
+        model.load_state_dict(state)
+    return model, handle
+
+
+def byte_llama(*, hidden: int, layers: int, heads: int, context: int) -> nn.Module:
+    """A byte-level ``LlamaForCausalLM`` (vocabulary 256, tied embeddings, SDPA; random init, no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=context,
+                    attn_implementation="sdpa", tie_word_embeddings=True)
+    return LlamaForCausalLM(c)
+
+
+def train_lm(model: nn.Module, ds: Dataset, *, steps: int, batch_size: int, lr: float, seed: int, out: Path,
+             config: Any, handle: Any = None) -> None:
+    """Next-byte cross-entropy (+ ``handle.loss()`` while it regularizes) for ``steps`` AdamW steps on
+    batches drawn with replacement from ``ds``, one-cycle schedule, through :func:`der.training.fit`
+    (``config`` keys its checkpoint in ``out``)."""
+    seed_everything(seed)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(ds), (steps * batch_size,), generator=g).tolist()
+    loader = DataLoader(Subset(ds, idx), batch_size=batch_size, shuffle=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        logits = m(input_ids=x).logits
+        loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+        if handle is not None and handle.regularize:
+            return loss + handle.loss(), {"ce": float(loss.detach())}
+        return loss
+
+    fit(model, opt, loader, loss_fn, epochs=1, out_dir=out, config=config, scheduler=sched,
+        on_step=(lambda s: handle.step()) if handle is not None else None)
 
 
 class VIBHead(nn.Module):
@@ -236,16 +234,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def median_ms(fn: Callable[[], Any], warmup: int = 2, repeats: int = 7) -> float:
-    """Median wall time of ``fn()`` in milliseconds after ``warmup`` calls."""
+    """Median wall time of ``fn()`` without autograd, in milliseconds (:func:`der_lab.harness.time_call`)."""
     with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+        return 1e3 * time_call(fn, warmup=warmup, repeats=repeats).median_s
 
 
 @torch.no_grad()

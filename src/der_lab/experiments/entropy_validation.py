@@ -25,7 +25,6 @@ degeneracy.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from scipy import stats
 from der.functional import anchor_entropy, box_entropy, halfspace_entropy
 from der.initializers import kmeans_plus_plus
 from der.truth import range_partition, work_entropy
-from der_lab.harness import results_dir
+from der_lab.harness import Run, results_dir
 
 ALPHA, TAU = 10.0, 0.1  # App. A: α annealed 10 → 5 (we keep 10); τ as in functional defaults
 K_ANCHORS, M_RANGES = 8, 3  # 8 anchors; 3 planes / boxes → 2^3 sign-pattern cells
@@ -213,15 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None)
     a = ap.parse_args(argv)
     a.out = results_dir(a.out)
+    meta = Run()
     seeds = a.seeds if a.seeds is not None else (2 if a.quick else 5)
     if seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {seeds}")
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny problems: threads only add contention
     res = run(a.quick, seeds)
-    a.out.mkdir(parents=True, exist_ok=True)
     stem = "entropy_validation" + ("_quick" if a.quick else "")
-    (a.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    meta.write(a.out / f"{stem}.json", res)
     plot(res, a.out / f"{stem}.png")
     print(f"{'surrogate vs truth':32s} {'R²':>6s} {'Spearman':>9s} {'n':>4s}")
     for key, v in res["summary"].items():

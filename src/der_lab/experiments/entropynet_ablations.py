@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from der_lab.harness import median_time, results_dir
+from der_lab.harness import Run, median_time, results_dir
 
 WHICH = ("k", "estimator", "fixed", "alpha", "lambda", "taskloss", "baselines", "figure")
 
@@ -212,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=None, help="folder for training runs (default: a temp folder)")
     a = ap.parse_args(argv)
     results = results_dir()
+    meta = Run()
     if a.which == "figure":
         print(f"wrote {figure(results / 'entropynet_fig10.png')}")
         return 0
@@ -225,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"which": a.which, "quick": a.quick, "n_eval": n, "repeats": a.repeats,
            "command": "der exp entropynet-ablations " + " ".join(argv),
            "wall_min": (time.perf_counter() - t0) / 60, "rows": rows}
-    results.mkdir(parents=True, exist_ok=True)
-    out = results / f"entropynet_ablation_{a.which}.json"
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = meta.write(results / f"entropynet_ablation_{a.which}.json", doc)
     print(f"wrote {out}")
     return 0
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from der.data import ByteWindows, stdlib_corpus
-from der_lab.experiments.byte_lm import ByteLMConfig, _model, _train, evaluate
-from der_lab.experiments.common import median_ms, run_experiment
+from der_lab.experiments.byte_lm import ByteLMConfig, evaluate
+from der_lab.experiments.common import byte_llama, median_ms, run_experiment, train_lm
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ class LoraLlamaConfig:
 def _lora(base_state: dict, cfg: LoraLlamaConfig):
     from peft import LoraConfig, get_peft_model
 
-    model = _model(cfg.lm())
+    model = byte_llama(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, context=cfg.context)
     model.load_state_dict(base_state)
     top = list(range(cfg.layers - cfg.lora_layers, cfg.layers))
     pcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0, layers_to_transform=top,
@@ -85,14 +85,19 @@ def run(cfg: LoraLlamaConfig, run_dir: Path) -> dict:
     pre = ByteWindows(corpus.train[:half], cfg.context, stride=cfg.context // 4)
     ft = ByteWindows(corpus.train[half:], cfg.context, stride=cfg.context // 4)
     val = ByteWindows(corpus.val, cfg.context)
-    base = _model(lm)
-    _train(base, pre, cfg.pretrain_steps, lm, run_dir / "base")
+
+    def fit_lm(model, ds, steps: int, name: str, handle=None) -> None:
+        train_lm(model, ds, steps=steps, batch_size=lm.batch_size, lr=lm.lr, seed=lm.seed, out=run_dir / name,
+                 config=lm, handle=handle)
+
+    base = byte_llama(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, context=cfg.context)
+    fit_lm(base, pre, cfg.pretrain_steps, "base")
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     out: dict = {"base": evaluate(base, val, cfg.val_windows), "methods": {}}
     xb = torch.stack([val[i][0] for i in range(min(4, len(val)))])
 
     dense, _ = _lora(base_state, cfg)
-    _train(dense, ft, cfg.lora_steps, lm, run_dir / "lora_dense")
+    fit_lm(dense, ft, cfg.lora_steps, "lora_dense")
     trainable = sum(p.numel() for p in dense.parameters() if p.requires_grad)
     out["methods"]["dense_lora"] = {**evaluate(dense, val, cfg.val_windows), "trainable_params": trainable,
                                     "latency_ms": median_ms(lambda: dense(input_ids=xb))}
@@ -101,7 +106,7 @@ def run(cfg: LoraLlamaConfig, run_dir: Path) -> dict:
                                    lam=cfg.lam, seq_len=cfg.context, seed=cfg.seed))
     for p in handle.parameters():
         p.requires_grad_(True)
-    _train(der, ft, cfg.lora_steps, lm, run_dir / "lora_der", handle=handle)
+    fit_lm(der, ft, cfg.lora_steps, "lora_der", handle=handle)
     out["methods"]["der_lora_dense_kernel"] = evaluate(der, val, cfg.val_windows)
     calib = [ft[i][0][None] for i in range(0, min(len(ft), 64), 8)]
     convert(der, sparsity=cfg.sparsity, block_size=cfg.block_size, calib_inputs=calib)

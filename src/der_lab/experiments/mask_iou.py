@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from der.data import digits_dataset
-from der_lab.experiments.common import DigitsTraining, run_experiment, train_classifier
-from der_lab.experiments.vit_digits import ViTDigitsConfig, _fresh, l1_loss
+from der_lab.experiments.common import DigitsTraining, digits_vit_der, run_experiment, train_classifier
+from der_lab.experiments.vit_digits import ViTDigitsConfig, l1_loss
 
 
 @dataclasses.dataclass
@@ -84,7 +84,8 @@ def run(cfg: MaskIoUConfig, run_dir: Path) -> dict:
     out: dict = {"chance_iou": float(iou(rand, fg).mean()), "foreground_fraction": float(fg.float().mean()),
                  "methods": {}}
     for name in ("magnitude (plain)", "der", "l1"):
-        model, handle = _fresh(vcfg, None)
+        model, handle = digits_vit_der(vcfg.spec(), block_size=vcfg.block_size, lam=vcfg.lam, alpha=vcfg.alpha,
+                                       seed=vcfg.seed)
         handle.regularize = name == "der"
         variant = name.split()[0].replace("magnitude", "dense")
         override = l1_loss(cfg.l1_lam, vcfg.block_size, keep) if name == "l1" else None

@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from der_lab.harness import result_path
+from der_lab.harness import Run, result_path
 
 STDLIB = (
     "collections itertools functools os json re string textwrap argparse logging pathlib statistics heapq "
@@ -180,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/minilm_sparsity.json)")
     args = ap.parse_args(argv)
     args.out = result_path("minilm_sparsity.json", args.out)
+    meta = Run()
     from der.attention import DERConfig, inject
     from der.attention.baselines import bigbird_layout, longformer_layout
 
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     res["dense_after_finetune_cos"] = _cos_stats(embed(model, ev), dense_ev)
     res["after"] = evaluate(model, handle, train, ev, dense_ev, sparsities, bs, refs)
     res["seconds"] = time.time() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+    meta.write(args.out, res)
     print(f"all-MiniLM-L6-v2, N={n}, block={bs}, k={res['num_anchors']}, eval={len(ev)} sequences, "
           f"fine-tune {steps} steps; cosine(sparse, dense) mean / min")
     print(f"{'layout':<22} {'before':>16} {'after':>16}")

@@ -42,6 +42,7 @@ from der_lab.experiments.common import (
     train_classifier,
 )
 from der_lab.experiments.corruptions import CORRUPTIONS, corrupt, mce, plasma_fractal
+from der_lab.harness import time_call
 
 METHODS = ("plain", "label_smoothing", "confidence_penalty", "vib", "fgsm", "der")
 
@@ -150,15 +151,9 @@ def step_ms(model, kw: dict, x: torch.Tensor, y: torch.Tensor, repeats: int = 5)
         loss.backward()
 
     model.train()
-    for _ in range(2):
-        step()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        ts.append((time.perf_counter() - t0) * 1e3)
+    t = time_call(step, warmup=2, repeats=repeats)
     model.eval()
-    return float(np.median(ts))
+    return 1e3 * t.median_s
 
 
 def _train(cfg: RobustnessConfig, method: str, model, train, run_dir: Path, data) -> tuple[dict, dict]:

@@ -33,9 +33,9 @@ from der_lab.experiments.common import (
     ViTSpec,
     accuracy,
     attention_block_scores,
+    digits_vit_der,
     median_ms,
     run_experiment,
-    tiny_vit,
     train_classifier,
 )
 
@@ -92,13 +92,8 @@ def vit_flops(spec: ViTSpec, n: int, density: float) -> float:
 
 
 def _fresh(cfg: ViTDigitsConfig, state: dict | None):
-    from der.attention import DERConfig, inject
-
-    model = tiny_vit(cfg.spec())
-    handle = inject(model, DERConfig(block_size=cfg.block_size, lam=cfg.lam, alpha=cfg.alpha, seed=cfg.seed))
-    if state is not None:
-        model.load_state_dict(state)
-    return model, handle
+    return digits_vit_der(cfg.spec(), block_size=cfg.block_size, lam=cfg.lam, alpha=cfg.alpha, seed=cfg.seed,
+                          state=state)
 
 
 def _structured(kind: str, heads: int, nb: int, density: float, seed: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ import pytest
 
 from der.cli import available
 from der.cli import main as der_main
-from der_lab.experiments.common import parse_config
 from der_lab.experiments.configs import (
     FULL_CONFIGS,
     BertGLUE,
@@ -24,6 +23,7 @@ from der_lab.experiments.configs import (
     ViTSmallCIFAR100,
 )
 from der_lab.experiments.vit_digits import ViTDigitsConfig
+from der_lab.harness import parse_config
 
 
 def test_cli_lists_experiments_and_rejects_unknown():
