@@ -20,6 +20,8 @@ import der
 import der.functional as F
 from der_lab.harness import Run, median_time, results_dir
 
+__all__ = ["clustered_points", "surrogates_section", "geometry_section", "attention_section", "main"]
+
 
 def clustered_points(n: int = 2000, k: int = 5, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

@@ -22,6 +22,8 @@ from der.attention.baselines import bigbird_layout
 from der.attention.kernels import block_sparse_attention
 from der_lab.harness import Run, result_path, time_call, time_calls
 
+__all__ = ["sgemm_gflops", "breakdown", "main"]
+
 BLOCK, DH, DENSITY = 64, 64, 0.25
 SHAPES = ((1, 6, 256), (8, 6, 256), (1, 6, 1024), (1, 12, 4096))
 GROUPS = {"matmul": ("aten::baddbmm", "aten::bmm"), "softmax": ("aten::_softmax",),

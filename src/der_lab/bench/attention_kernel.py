@@ -41,6 +41,8 @@ from der.attention.kernels import block_sparse_attention
 from der.attention.metrics import block_sparsity
 from der_lab.harness import Run, result_path, time_calls
 
+__all__ = ["bench_shape", "main"]
+
 BLOCK, DH, DENSITY = 64, 64, 0.25
 MIN_DENSE_S, MAX_REPEATS = 0.25, 60
 

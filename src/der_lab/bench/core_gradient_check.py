@@ -19,6 +19,16 @@ import torch
 import der.functional as F
 from der_lab.harness import Run, result_path
 
+__all__ = [
+    "paper_gradient",
+    "derived_gradient",
+    "autograd_gradient",
+    "rel_err",
+    "stationary_anchors",
+    "run",
+    "main",
+]
+
 
 def paper_gradient(x, c, alpha):
     p = F.soft_assign(x, c, alpha)

@@ -29,6 +29,8 @@ import torch
 
 from der_lab.harness import Run, bootstrap_median_ci, result_path, time_calls
 
+__all__ = ["measure", "main"]
+
 
 def _bert(quick: bool):
     from transformers import BertConfig, BertForSequenceClassification

@@ -34,6 +34,8 @@ import numpy as np
 
 from der_lab.harness import Run, docs_dir, result_path, time_calls
 
+__all__ = ["bench_hull", "bench_delaunay", "bench_maxima", "write_docs", "main"]
+
 HULL_DISTS = ("square", "disk", "gaussian", "parabola", "clustered", "circle")
 
 

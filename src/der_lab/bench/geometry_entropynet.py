@@ -30,6 +30,8 @@ import numpy as np
 
 from der_lab.harness import Run, docs_dir, median_time, result_path, results_dir, write_json
 
+__all__ = ["run", "write_docs", "main"]
+
 ABLATIONS = ("k", "estimator", "fixed", "alpha", "lambda", "taskloss", "baselines")
 MD_HEAD = """# EntropyNet: the paper's learned preprocessor, measured
 

@@ -40,6 +40,8 @@ from der_lab.bench.surrogate_op import (
 )
 from der_lab.harness import Run, result_path
 
+__all__ = ["parts", "compiled_step", "alternatives", "first_touch", "breakdown", "main"]
+
 
 def _affine(x: torch.Tensor, c: torch.Tensor, alpha: float = ALPHA):
     """The sqeuclidean anchors as an affine softmax (see :mod:`der._ops`): ``f = x, W = 2αc, b = −α‖c‖²``."""

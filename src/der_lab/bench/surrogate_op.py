@@ -40,6 +40,24 @@ import torch
 from der._io import merge_json
 from der_lab.harness import Run, result_path, time_call
 
+__all__ = [
+    "naive_entropy",
+    "ours_entropy",
+    "make_inputs",
+    "step",
+    "time_step",
+    "matmul_rate",
+    "accuracy",
+    "memory_child",
+    "measure_memory",
+    "naive_skip_reason",
+    "run_case",
+    "truncation_errors",
+    "print_table",
+    "parse_case",
+    "main",
+]
+
 ALPHA = 10.0
 GRID_N = (10_000, 100_000, 1_000_000)
 GRID_K = (16, 64, 256, 1024)

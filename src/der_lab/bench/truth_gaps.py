@@ -16,6 +16,8 @@ import numpy as np
 from der.truth import range_partition_entropy, work_entropy
 from der_lab.harness import Run, result_path
 
+__all__ = ["run", "main"]
+
 FAMILIES = ("square", "gaussian", "clustered", "circle")
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from der.training import write_json
 
+__all__ = ["aggregate", "main"]
+
 
 def aggregate(results: list[dict]) -> dict:
     """One result dict from per-seed result dicts (see module docstring)."""

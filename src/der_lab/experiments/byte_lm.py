@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from der.data import ByteWindows, stdlib_corpus
 from der_lab.experiments.common import byte_llama, median_ms, run_experiment, train_lm
 
+__all__ = ["ByteLMConfig", "evaluate", "row_stats", "run", "main"]
+
 
 @dataclasses.dataclass
 class ByteLMConfig:

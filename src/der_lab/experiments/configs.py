@@ -19,6 +19,16 @@ from torch.utils.data import Dataset
 
 from der.data import cifar_dataset, cnndm_dataset, glue_dataset, imagenet_folder, wikitext_dataset
 
+__all__ = [
+    "FullConfig",
+    "ViTSmallCIFAR100",
+    "ViTBaseImageNet",
+    "BertGLUE",
+    "LlamaCNNDMLoRA",
+    "Phi2WikiText103",
+    "main",
+]
+
 
 @dataclasses.dataclass
 class FullConfig:

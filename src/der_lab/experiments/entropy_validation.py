@@ -37,6 +37,8 @@ from der.initializers import kmeans_plus_plus
 from der.truth import range_partition, work_entropy
 from der_lab.harness import Run, results_dir
 
+__all__ = ["fit_surrogates", "truth", "fit_stats", "trajectory", "run", "plot", "main"]
+
 ALPHA, TAU = 10.0, 0.1  # App. A: α annealed 10 → 5 (we keep 10); τ as in functional defaults
 K_ANCHORS, M_RANGES = 8, 3  # 8 anchors; 3 planes / boxes → 2^3 sign-pattern cells
 FIT_STEPS, LR = 20, 0.01

@@ -38,6 +38,8 @@ import torch
 
 from der_lab.harness import Run, median_time, results_dir
 
+__all__ = ["run_training", "run_baselines", "figure", "main"]
+
 WHICH = ("k", "estimator", "fixed", "alpha", "lambda", "taskloss", "baselines", "figure")
 
 

@@ -25,6 +25,8 @@ from der.data import ByteWindows, stdlib_corpus
 from der_lab.experiments.byte_lm import ByteLMConfig, evaluate
 from der_lab.experiments.common import byte_llama, median_ms, run_experiment, train_lm
 
+__all__ = ["LoraLlamaConfig", "run", "main"]
+
 
 @dataclasses.dataclass
 class LoraLlamaConfig:

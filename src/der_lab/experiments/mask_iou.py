@@ -19,6 +19,8 @@ from der.data import digits_dataset
 from der_lab.experiments.common import DigitsTraining, digits_vit_der, run_experiment, train_classifier
 from der_lab.experiments.vit_digits import ViTDigitsConfig, l1_loss
 
+__all__ = ["MaskIoUConfig", "topk_mask", "iou", "cls_attention", "run", "main"]
+
 
 @dataclasses.dataclass
 class MaskIoUConfig(DigitsTraining):

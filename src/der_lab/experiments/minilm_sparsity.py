@@ -33,6 +33,8 @@ import torch
 
 from der_lab.harness import Run, result_path
 
+__all__ = ["model_dir", "load_minilm", "stdlib_docstrings", "encode", "embed", "evaluate", "finetune", "main"]
+
 STDLIB = (
     "collections itertools functools os json re string textwrap argparse logging pathlib statistics heapq "
     "bisect random datetime decimal fractions email.message http.client urllib.parse csv shutil subprocess "

@@ -44,6 +44,8 @@ from der_lab.experiments.common import (
 from der_lab.experiments.corruptions import CORRUPTIONS, corrupt, mce, plasma_fractal
 from der_lab.harness import time_call
 
+__all__ = ["RobustnessConfig", "shifted_digits", "step_ms", "run", "main"]
+
 METHODS = ("plain", "label_smoothing", "confidence_penalty", "vib", "fgsm", "der")
 
 

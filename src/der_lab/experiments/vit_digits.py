@@ -39,6 +39,8 @@ from der_lab.experiments.common import (
     train_classifier,
 )
 
+__all__ = ["ViTDigitsConfig", "vit_flops", "l1_loss", "run", "main"]
+
 
 @dataclasses.dataclass
 class ViTDigitsConfig(DigitsTraining):

@@ -11,6 +11,22 @@ import math
 
 from der_lab.harness import results_dir
 
+__all__ = [
+    "entropynet_table2",
+    "table23",
+    "table10",
+    "table15",
+    "table16",
+    "table17",
+    "table20",
+    "table22",
+    "kernel",
+    "overhead_goal",
+    "geometry_algos",
+    "surrogate_op",
+    "minilm",
+]
+
 Verdict = tuple[str, str]
 
 

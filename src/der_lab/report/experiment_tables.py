@@ -17,6 +17,8 @@ from pathlib import Path
 
 from der_lab.harness import docs_dir, results_dir
 
+__all__ = ["vit", "byte_lm", "lora", "robustness", "mask_iou", "render", "main"]
+
 BEGIN, END = "<!-- measured:begin -->", "<!-- measured:end -->"
 
 
