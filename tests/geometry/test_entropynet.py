@@ -117,14 +117,73 @@ def test_save_load_roundtrip_and_mismatch(tmp_path) -> None:
         EntropyNet.load(tmp_path / "w", d=3)
     with pytest.raises(ValueError, match="surrogate"):
         EntropyNet.load(tmp_path / "w", surrogate="halfspace")
-    # a JSON that claims another config than the tensors → clear error, not a shape crash
+    # a file whose config claims other sizes than its tensors → clear error, not a shape crash
+    from der._io import save_state
+
     other = _trained_like(5, widths=(8, 16, 32))
-    other.save(tmp_path / "o")
-    (tmp_path / "o.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes())
+    save_state(tmp_path / "o.safetensors", net.state_dict(), {"config": other.config.to_dict()}, kind="der.EntropyNet")
     with pytest.raises(ValueError, match="does not fit"):
         EntropyNet.load(tmp_path / "o")
     with pytest.raises(FileNotFoundError, match="der train entropynet"):
         EntropyNet.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="der train entropynet"):  # also a ValueError (one state format)
+        EntropyNet.load(tmp_path / "missing")
+
+
+def test_save_is_one_file_with_distinct_names(tmp_path) -> None:
+    a, b = _trained_like(1), _trained_like(2)
+    pa, pb = a.save(tmp_path / "m.v1", meta={"v": 1}), b.save(tmp_path / "m.v2", meta={"v": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.v1.safetensors", "m.v2.safetensors"]
+    for p, net, v in ((pa, a, 1), (pb, b, 2)):
+        back = EntropyNet.load(p)
+        assert back.meta == {"v": v}
+        for (k, x), y in zip(net.state_dict().items(), back.state_dict().values(), strict=True):
+            assert torch.equal(x, y), k
+
+
+def test_load_rejects_foreign_damaged_and_nan(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from der._io import save_state
+
+    net = _trained_like(3)
+    p = net.save(tmp_path / "w")
+    (tmp_path / "t.safetensors").write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="t.safetensors"):
+        EntropyNet.load(tmp_path / "t")
+    save_file({"x": torch.ones(2)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(ValueError, match="not a der state file"):
+        EntropyNet.load(tmp_path / "f")
+    save_state(tmp_path / "r.safetensors", {"x": torch.ones(2)}, {}, kind="der.EntropyRegularizer")
+    with pytest.raises(ValueError, match="expected 'der.EntropyNet'"):
+        EntropyNet.load(tmp_path / "r")
+    state = net.state_dict()
+    state["out.bias"] = torch.full_like(state["out.bias"], float("nan"))
+    save_state(tmp_path / "n.safetensors", state, {"config": net.config.to_dict(), "meta": {}}, kind="der.EntropyNet")
+    with pytest.raises(ValueError, match="out.bias"):
+        EntropyNet.load(tmp_path / "n")
+    save_state(tmp_path / "c.safetensors", net.state_dict(), {"config": {"d": "two"}}, kind="der.EntropyNet")
+    with pytest.raises(ValueError, match="invalid EntropyNet config"):
+        EntropyNet.load(tmp_path / "c")
+
+
+def test_legacy_two_file_layout_still_loads(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    net = _trained_like(4)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "old.safetensors"))
+    doc = {"format": "der.EntropyNet/1", "config": net.config.to_dict(), "meta": {"command": "old"}}
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    for name in ("old", "old.json", "old.safetensors"):
+        back = EntropyNet.load(tmp_path / name)
+        assert back.meta == {"command": "old"}
+        x = torch.rand(1, 30, 2)
+        torch.testing.assert_close(back.displace(x), net.eval().displace(x))
+    (tmp_path / "old.json").write_text(json.dumps({**doc, "format": "something/else"}))
+    with pytest.raises(ValueError, match="not a der state file"):
+        EntropyNet.load(tmp_path / "old")
 
 
 @pytest.mark.parametrize("surrogate", ["halfspace", "box"])
@@ -151,6 +210,6 @@ def test_training_resumes_exactly(tmp_path) -> None:
     a, _ = train(cfg, tmp_path / "a", progress=False)
     train(cfg, tmp_path / "b", progress=False, stop_after=1)  # interrupted after epoch 1 ...
     b, _ = train(cfg, tmp_path / "b", progress=False)  # ... and resumed
-    assert (tmp_path / "b" / "metrics.csv").is_file() and (tmp_path / "b" / "entropynet_ball.json").is_file()
+    assert (tmp_path / "b" / "metrics.csv").is_file() and (tmp_path / "b" / "entropynet_ball.safetensors").is_file()
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k

@@ -18,8 +18,8 @@ duplicates, so the dedup works on a grid: points whose normalized coordinates fa
 ``dedup_grid`` (default ``1e-3``) are duplicates and the first one is kept, unmoved by the grid.
 ``dedup_grid=0`` removes exact repeats only.
 
-Pretrained weights for the default settings ship in ``der/weights/entropynet_<surrogate>.safetensors``
-with a JSON sidecar holding the config and the exact training command (``der train entropynet``).
+Pretrained weights for the default settings ship in ``der/weights/entropynet_<surrogate>.safetensors``, one
+file whose metadata holds the config and the exact training command (``der train entropynet``).
 Only ``ball`` (d = 2) is shipped; ``pretrained("halfspace" | "box")`` raises ``FileNotFoundError`` until
 someone trains them with ``der train entropynet --surrogate ...``.
 
@@ -41,12 +41,48 @@ import numpy as np
 import torch
 from torch import nn
 
+from der._io import MissingStateError, first_nonfinite, load_state, save_state
 from der.geometry.metrics import as_points
 
-__all__ = ["EntropyNet", "EntropyNetConfig", "SURROGATES", "WEIGHTS_DIR", "grid_dedup"]
+__all__ = ["STATE_KIND", "EntropyNet", "EntropyNetConfig", "SURROGATES", "WEIGHTS_DIR", "grid_dedup", "weights_path"]
 
 SURROGATES = ("ball", "halfspace", "box")
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+STATE_KIND = "der.EntropyNet"
+_LEGACY_FORMAT = "der.EntropyNet/1"  # two-file layout: tensors + JSON sidecar {"format", "config", "meta"}
+
+
+def weights_path(path: str | Path) -> Path:
+    """The weights file for ``path``: ``path`` itself if it ends in ``.safetensors``, else with that appended
+    (a ``.json`` sidecar name of the earlier layout maps to its ``.safetensors`` file)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return p
+    if p.suffix == ".json":
+        return p.with_suffix(".safetensors")
+    return p.with_name(p.name + ".safetensors")
+
+
+def _load_legacy(weights: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Tensors and ``{"config", "meta"}`` of a file in the two-file layout, or ``None`` if it is not one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    sidecar = weights.with_suffix(".json")
+    try:
+        doc = json.loads(sidecar.read_text())
+        with safe_open(str(weights), framework="pt") as f:
+            if "der_format" in (f.metadata() or {}):
+                return None
+        state = load_file(str(weights))
+    except Exception:  # no sidecar, unreadable sidecar or tensors: not a legacy file
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != _LEGACY_FORMAT:
+        return None
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(f"{weights}: tensor {bad!r} contains NaN or Inf")
+    return state, doc
 
 
 @dataclasses.dataclass
@@ -227,39 +263,38 @@ class EntropyNet(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-        """Write ``<path>.safetensors`` and ``<path>.json`` (config + ``meta``, e.g. the training command)."""
-        from safetensors.torch import save_file
-
-        path = Path(path).with_suffix("")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path.with_suffix(".safetensors")))
-        doc = {"format": "der.EntropyNet/1", "config": self.config.to_dict(), "meta": meta or {}}
-        path.with_suffix(".json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        return path.with_suffix(".safetensors")
+        """Write one safetensors file (``.safetensors`` appended unless present): weights, config and ``meta``
+        (e.g. the training command), atomically (:func:`der._io.save_state`). Returns the file path."""
+        doc = {"config": self.config.to_dict(), "meta": meta or {}}
+        return save_state(weights_path(path), self.state_dict(), doc, kind=STATE_KIND)
 
     @classmethod
     def load(cls, path: str | Path, d: int | None = None, surrogate: str | None = None) -> EntropyNet:
-        """Load weights saved by :meth:`save`; ``d`` / ``surrogate``, when given, must match the file."""
-        from safetensors.torch import load_file
+        """Load weights saved by :meth:`save`; ``d`` / ``surrogate``, when given, must match the file.
 
-        path = Path(path).with_suffix("")
-        sidecar, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
-        if not sidecar.is_file() or not weights.is_file():
-            raise FileNotFoundError(
-                f"EntropyNet weights need {weights} and {sidecar}; train them with `der train entropynet`"
-            )
-        doc = json.loads(sidecar.read_text())
-        if doc.get("format") != "der.EntropyNet/1":
-            raise ValueError(f"{sidecar} is not an EntropyNet checkpoint (format={doc.get('format')!r})")
-        cfg = EntropyNetConfig(**doc["config"])
+        Files of the earlier two-file layout (``.safetensors`` + ``.json`` sidecar) still load."""
+        weights = weights_path(path)
+        try:
+            state, doc = load_state(weights, kind=STATE_KIND)
+        except MissingStateError:
+            raise MissingStateError(
+                f"no EntropyNet weights at {weights}; train them with `der train entropynet`"
+            ) from None
+        except ValueError:
+            legacy = _load_legacy(weights)
+            if legacy is None:
+                raise
+            state, doc = legacy
+        try:
+            cfg = EntropyNetConfig(**doc["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{weights} holds an invalid EntropyNet config: {e}") from None
         for name, want in (("d", d), ("surrogate", surrogate)):
             if want is not None and getattr(cfg, name) != want:
                 raise ValueError(
                     f"checkpoint {weights.name} has {name}={getattr(cfg, name)!r}, but {name}={want!r} was asked for"
                 )
         net = cls(cfg)
-        state = load_file(str(weights))
         mine = net.state_dict()
         bad = [k for k in state if k not in mine or mine[k].shape != state[k].shape]
         missing = [k for k in mine if k not in state]
