@@ -25,12 +25,25 @@ import numpy as np
 import torch
 
 from der import _ops
+from der._validate import (
+    broadcast_batch,
+    check_finite,
+    check_params,
+    check_points,
+    check_positive,
+    common_dtype,
+    finite_absmax,
+    float_tensor,
+)
 
 __all__ = [
+    "MAX_DENSE_PLANES",
+    "METRICS",
     "anchor_counts",
     "anchor_entropy",
     "box_counts",
     "box_entropy",
+    "box_signed_distance",
     "cell_codes",
     "empirical_margin",
     "entropy_from_counts",
@@ -43,84 +56,78 @@ __all__ = [
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "mahalanobis")
 MAX_DENSE_PLANES = 16  # 2^16 = 65,536 dense sign-pattern cells; beyond that pass explicit `cells`.
-_COSINE_EPS = 1e-12
+# Bounds on the magnitude of logits and their intermediates: float32 work switches to float64 above
+# 2^100 (float32 overflows at 2^128); above 2^1000 even float64 would overflow, and a clear error is raised.
+_F32_SAFE, _F64_SAFE = 2.0**100, 2.0**1000
+
+# kept for callers of the former private names (the regularizer)
+_check_points, _check_positive = check_points, check_positive
 
 
-# --------------------------------------------------------------------------- validation
-def _as_float(t: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+# --------------------------------------------------------------------------- validation and dtypes
+def _work_dtype(dtype: torch.dtype, bound: float, what: str) -> torch.dtype:
+    """``dtype``, or float64 when values up to ``bound`` could overflow float32; error beyond float64."""
+    if bound > _F64_SAFE or not math.isfinite(bound):
+        raise ValueError(
+            f"{what}: values of magnitude ~{bound:.3g} exceed the float64 range; rescale the inputs"
+        )
+    return torch.float64 if dtype == torch.float32 and bound > _F32_SAFE else dtype
 
 
-def _check_finite_rows(t: torch.Tensor, name: str) -> None:
-    if bool(torch.isfinite(t.detach().sum())):  # one reduction: a finite sum means every entry is finite
-        return
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        rows = int(bad.reshape(-1, t.shape[-1]).any(dim=-1).sum()) if t.dim() >= 1 else 1
-        raise ValueError(f"{name} contains NaN/Inf in {rows} row(s) of shape {tuple(t.shape)}")
-
-
-def _check_points(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    x = _as_float(x, name)
-    if x.dim() < 2:
-        raise ValueError(f"{name} must be (..., N, d), got shape {tuple(x.shape)}")
-    if x.shape[-2] == 0 or x.shape[-1] == 0 or x.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)} (need N ≥ 1 points of dimension d ≥ 1)")
-    _check_finite_rows(x, name)
-    return x
-
-
-def _check_params(p: torch.Tensor, name: str, d: int, x: torch.Tensor) -> torch.Tensor:
-    p = _as_float(p, name)
-    if p.dim() < 2 or p.shape[-2] == 0:
-        raise ValueError(f"{name} must be (..., k, d) with k ≥ 1, got shape {tuple(p.shape)}")
-    if p.shape[-1] != d:
-        raise ValueError(f"{name} has dimension {p.shape[-1]} but points have dimension {d}")
-    _check_finite_rows(p, name)
-    return _promote(p, x)
-
-
-def _promote(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if p.device != x.device:
-        raise ValueError(f"parameters on {p.device} but points on {x.device}")
-    return p.to(torch.promote_types(p.dtype, x.dtype))
-
-
-def _check_positive(value: float, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_metric(metric: str, L: torch.Tensor | None, d: int) -> None:
+def _check_metric(metric: str, L: torch.Tensor | None, d: int) -> torch.Tensor | None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if metric == "mahalanobis":
-        if L is None:
-            raise ValueError("metric='mahalanobis' needs the factor L: (d, d) with d(x, c) = ||L (x - c)||^2")
-        if L.dim() != 2 or L.shape[-1] != d:
-            raise ValueError(f"L must be (r, {d}), got shape {tuple(L.shape)}")
-        _check_finite_rows(L, "L")
+    if metric != "mahalanobis":
+        return None
+    if L is None:
+        raise ValueError("metric='mahalanobis' needs the factor L: (d, d) with d(x, c) = ||L (x - c)||^2")
+    L = float_tensor(L, "L")
+    if L.dim() != 2 or L.shape[-1] != d:
+        raise ValueError(f"L must be (r, {d}), got shape {tuple(L.shape)}")
+    return L
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """Rows of ``v`` scaled to unit length; zero rows stay zero (with zero gradient).
+
+    Each row is first divided by its largest magnitude (a constant for the gradient, since the direction
+    does not depend on it), so rows near the float range limits neither overflow nor underflow."""
+    s = v.detach().abs().amax(dim=-1, keepdim=True)
+    nz = s > 0
+    vs = v / torch.where(nz, s, torch.ones_like(s))
+    n = vs.norm(dim=-1, keepdim=True)
+    return torch.where(nz, vs / torch.where(nz, n, torch.ones_like(n)), torch.zeros_like(vs))
+
+
+def _prepare_anchor_inputs(x, anchors, alpha, metric, L):
+    """Validated ``(x, anchors, L)`` in one working dtype, and the dtype of the result."""
+    x = check_points(x)
+    d = x.shape[-1]
+    anchors = check_params(anchors, "anchors", d)
+    check_positive(alpha, "alpha")
+    L = _check_metric(metric, L, d)
+    broadcast_batch(x=x.shape[:-2], anchors=anchors.shape[:-2])
+    ts = (x, anchors) if L is None else (x, anchors, L)
+    out = common_dtype(*ts)
+    m = max(finite_absmax(t, n) for t, n in zip(ts, ("x", "anchors", "L")))
+    scalar = max(alpha, 1.0 / alpha)  # α itself must be representable
+    if metric == "cosine":  # rows are normalized first: logits are at most α
+        work = _work_dtype(out, scalar, "anchor distances")
+    elif metric == "euclidean":
+        bound = max(4 * d * m * m, alpha * 2 * math.sqrt(d) * m, scalar)
+        work = _work_dtype(out, bound, "anchor distances")
+    else:
+        m = m * m * d if L is not None else m  # |L x| ≤ d·max|L|·max|x|
+        work = _work_dtype(out, max(1.0, alpha) * 8 * d * m * m + scalar, "anchor distances")
+    return (*(None if t is None else t.to(work) for t in (x, anchors, L)), out)
 
 
 # --------------------------------------------------------------------------- ball ranges (Eq. 2–3)
-def pairwise_distance(
-    x: torch.Tensor, anchors: torch.Tensor, metric: str = "sqeuclidean", L: torch.Tensor | None = None
-) -> torch.Tensor:
-    r"""Distances ``d(x_i, c_j)``: ``(..., N, d) × (..., k, d) → (..., N, k)``.
-
-    ``sqeuclidean`` :math:`\|x-c\|^2`; ``euclidean`` :math:`\|x-c\|`; ``cosine`` :math:`1-\cos(x,c)`;
-    ``mahalanobis`` :math:`\|L(x-c)\|^2` (App. H.6).
-    """
+def _pairwise(x, anchors, metric, L):
     if metric == "mahalanobis":
         x, anchors, metric = x @ L.T, anchors @ L.T, "sqeuclidean"
     if metric == "cosine":
-        xn = x / x.norm(dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
-        cn = anchors / anchors.norm(dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
-        return 1.0 - xn @ cn.transpose(-1, -2)
+        return 1.0 - _unit(x) @ _unit(anchors).transpose(-1, -2)
     diff = x.unsqueeze(-2) - anchors.unsqueeze(-3)  # reference formulation, exact
     sq = (diff * diff).sum(-1)
     if metric == "sqeuclidean":
@@ -128,14 +135,17 @@ def pairwise_distance(
     return torch.sqrt(sq.clamp_min(torch.finfo(sq.dtype).tiny))
 
 
-def _prepare_anchor_inputs(x, anchors, alpha, metric, L):
-    x = _check_points(x)
-    anchors = _check_params(anchors, "anchors", x.shape[-1], x)
-    _check_positive(alpha, "alpha")
-    _check_metric(metric, L, x.shape[-1])
-    if L is not None:
-        L = _promote(_as_float(L, "L"), x)
-    return x, anchors, L
+def pairwise_distance(
+    x: torch.Tensor, anchors: torch.Tensor, metric: str = "sqeuclidean", L: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Distances ``d(x_i, c_j)``: ``(..., N, d) × (..., k, d) → (..., N, k)``.
+
+    ``sqeuclidean`` :math:`\|x-c\|^2`; ``euclidean`` :math:`\|x-c\|`; ``cosine`` :math:`1-\cos(x,c)`;
+    ``mahalanobis`` :math:`\|L(x-c)\|^2` (App. H.6). For ``cosine`` a zero vector has cosine similarity 0
+    with every vector (distance 1) and receives a zero gradient.
+    """
+    x, anchors, L, out = _prepare_anchor_inputs(x, anchors, 1.0, metric, L)
+    return _pairwise(x, anchors, metric, L).to(out)
 
 
 def soft_assign(
@@ -155,16 +165,15 @@ def soft_assign(
     Returns:
         ``(..., N, k)``, rows sum to 1.
     """
-    x, anchors, L = _prepare_anchor_inputs(x, anchors, alpha, metric, L)
-    return torch.softmax(-alpha * pairwise_distance(x, anchors, metric, L), dim=-1)
+    x, anchors, L, out = _prepare_anchor_inputs(x, anchors, alpha, metric, L)
+    return torch.softmax(-alpha * _pairwise(x, anchors, metric, L), dim=-1).to(out)
 
 
 def _affine_form(x, anchors, alpha, metric, L):
     """(feat, weight, bias) with ``-α d(x, c) = feat·weight + bias + (a term constant in j)``."""
     if metric == "cosine":
-        feat = x / x.norm(dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
-        weight = alpha * anchors / anchors.norm(dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
-        return feat, weight, torch.zeros(weight.shape[:-1], dtype=weight.dtype, device=weight.device)
+        weight = alpha * _unit(anchors)
+        return _unit(x), weight, torch.zeros(weight.shape[:-1], dtype=weight.dtype, device=weight.device)
     if metric == "mahalanobis":
         x, anchors = x @ L.T, anchors @ L.T
     # H_diff is shift-invariant; centring on the anchors' mean avoids cancellation in 2αx·c − α‖c‖² when
@@ -186,19 +195,26 @@ def anchor_counts(
     r"""Soft counts :math:`n_j = \sum_i p_{ij}` (Eq. 2 without the 1/n): ``(..., k)``.
 
     This is the quantity that is summed across ranks under ``torch.distributed`` and streamed by the
-    fast path (never materializing ``N×k`` for backward, see :mod:`der._ops`).
+    fast path (never materializing ``N×k`` for backward, see :mod:`der._ops`). Inputs of mixed dtypes
+    are promoted (``torch.promote_types``); float32 inputs too large for float32 arithmetic are computed
+    in float64 and returned in float32.
     """
-    x, anchors, L = _prepare_anchor_inputs(x, anchors, alpha, metric, L)
+    x, anchors, L, out = _prepare_anchor_inputs(x, anchors, alpha, metric, L)
     if metric == "euclidean":  # not an affine score: plain path
-        return torch.softmax(-alpha * pairwise_distance(x, anchors, metric), dim=-1).sum(-2)
-    return _ops.softmax_counts(*_affine_form(x, anchors, alpha, metric, L))
+        return torch.softmax(-alpha * _pairwise(x, anchors, metric, L), dim=-1).sum(-2).to(out)
+    return _ops.softmax_counts(*_affine_form(x, anchors, alpha, metric, L)).to(out)
 
 
 def entropy_from_counts(counts: torch.Tensor) -> torch.Tensor:
     r"""Shannon entropy (nats) of the distribution ``counts / Σ counts`` along the last dim.
 
-    Uses :math:`0 \log 0 = 0` with finite gradients (no NaN when a mass underflows to 0).
+    Uses :math:`0 \log 0 = 0` with finite gradients (no NaN when a mass underflows to 0). float16/bfloat16
+    counts are computed (and returned) in float32. This is the one entropy of a distribution in ``der``.
+
+    >>> float(entropy_from_counts(torch.tensor([1.0, 1.0, 0.0])))  # log 2
+    0.6931471824645996
     """
+    counts = float_tensor(counts, "counts")
     p = counts / counts.sum(dim=-1, keepdim=True)
     tiny = torch.finfo(p.dtype).tiny
     return -(p * torch.log(p.clamp_min(tiny))).sum(dim=-1)
@@ -270,20 +286,35 @@ def _gated_cell_counts(z: torch.Tensor, cells) -> torch.Tensor:
     return _ops.softmax_counts(feat, weight, bias)
 
 
-def _halfspace_logits(x, normals, offsets, tau):
-    x = _check_points(x)
-    normals = _check_params(normals, "normals", x.shape[-1], x)
-    offsets = _promote(_as_float(offsets, "offsets"), x)
+def _halfspace_inputs(x, normals, offsets):
+    """Validated ``(x, normals, offsets)`` in their promoted dtype, and ``(max|x|, max|w|, max|b|)``."""
+    x = check_points(x)
+    normals = check_params(normals, "normals", x.shape[-1])
+    offsets = float_tensor(offsets, "offsets")
     if offsets.shape != normals.shape[:-1]:
         raise ValueError(f"offsets must be {tuple(normals.shape[:-1])}, got {tuple(offsets.shape)}")
-    _check_finite_rows(offsets.unsqueeze(-1), "offsets")
-    _check_positive(tau, "tau")
-    return (x @ normals.transpose(-1, -2) - offsets.unsqueeze(-2)) / tau
+    broadcast_batch(x=x.shape[:-2], normals=normals.shape[:-2])
+    dtype = common_dtype(x, normals, offsets)
+    scales = (finite_absmax(x, "x"), finite_absmax(normals, "normals"), finite_absmax(offsets, "offsets"))
+    return x.to(dtype), normals.to(dtype), offsets.to(dtype), scales
+
+
+def _halfspace_logits(x, normals, offsets, tau):
+    """Range logits ``(w·x − b)/τ``: ``(..., N, m)``, in the dtype of the result and the working dtype."""
+    x, normals, offsets, (mx, mw, mb) = _halfspace_inputs(x, normals, offsets)
+    check_positive(tau, "tau")
+    m = normals.shape[-2]
+    out = x.dtype
+    dot = x.shape[-1] * mx * mw + mb
+    work = _work_dtype(out, m * (max(dot, dot / tau, tau, 1.0 / tau) + 1.0), "halfspace logits")
+    x, normals, offsets = x.to(work), normals.to(work), offsets.to(work)
+    return (x @ normals.transpose(-1, -2) - offsets.unsqueeze(-2)) / tau, out
 
 
 def halfspace_counts(x, normals, offsets, tau: float = 0.1, cells=None) -> torch.Tensor:
     r"""Soft cell counts :math:`n\,q_j` of Eq. 6 for halfspace ranges: ``(..., K)``."""
-    return _gated_cell_counts(_halfspace_logits(x, normals, offsets, tau), cells)
+    z, out = _halfspace_logits(x, normals, offsets, tau)
+    return _gated_cell_counts(z, cells).to(out)
 
 
 def halfspace_entropy(
@@ -320,13 +351,18 @@ def box_signed_distance(x: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor
 
 def box_counts(x, lows, highs, tau: float = 0.1, cells=None) -> torch.Tensor:
     r"""Soft cell counts for box ranges (App. H.4): ``(..., K)``."""
-    x = _check_points(x)
-    lows = _check_params(lows, "lows", x.shape[-1], x)
-    highs = _check_params(highs, "highs", x.shape[-1], x)
+    x = check_points(x)
+    lows = check_params(lows, "lows", x.shape[-1])
+    highs = check_params(highs, "highs", x.shape[-1])
     if lows.shape != highs.shape:
         raise ValueError(f"lows {tuple(lows.shape)} and highs {tuple(highs.shape)} must have equal shapes")
-    _check_positive(tau, "tau")
-    return _gated_cell_counts(box_signed_distance(x, lows, highs) / tau, cells)
+    check_positive(tau, "tau")
+    broadcast_batch(x=x.shape[:-2], lows=lows.shape[:-2])
+    out = common_dtype(x, lows, highs)
+    big = max(finite_absmax(x, "x"), finite_absmax(lows, "lows"), finite_absmax(highs, "highs"))
+    work = _work_dtype(out, lows.shape[-2] * (max(2 * big, 2 * big / tau, tau, 1.0 / tau) + 1.0), "box logits")
+    z = box_signed_distance(x.to(work), lows.to(work), highs.to(work)) / tau
+    return _gated_cell_counts(z, cells).to(out)
 
 
 def box_entropy(
@@ -366,8 +402,8 @@ def partition_entropy(labels_or_counts, normalized: bool = True, kind: str = "au
         _, counts = torch.unique(t, return_counts=True)
         counts = counts.to(torch.float64)
     else:
-        counts = t if t.is_floating_point() else t.to(torch.float64)
-        _check_finite_rows(counts.unsqueeze(-1), "counts")
+        counts = float_tensor(t, "counts") if t.is_floating_point() else t.to(torch.float64)
+        check_finite(counts, "counts")
         if bool((counts < 0).any()):
             raise ValueError("counts must be non-negative")
         if not bool((counts > 0).any()):
@@ -379,11 +415,18 @@ def partition_entropy(labels_or_counts, normalized: bool = True, kind: str = "au
 def empirical_margin(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     r"""Empirical margin :math:`\hat\gamma(S) = \min_{i,t} |w_t^\top x_i - b_t| / \|w_t\|` (App. H.3).
 
+    Computed in float64 with each plane first scaled by its largest coefficient (the margin does not
+    change), so norms neither overflow nor lose precision; returned in the inputs' promoted dtype.
+
     Args:
         x: ``(..., N, d)``; normals ``(..., m, d)``; offsets ``(..., m)``. Returns ``(...)``.
     """
-    z = _halfspace_logits(x, normals, offsets, 1.0)
-    norms = normals.norm(dim=-1).to(z.dtype)
-    if bool((norms == 0).any()):
+    x, normals, offsets, _ = _halfspace_inputs(x, normals, offsets)
+    out = x.dtype
+    x, normals, offsets = x.double(), normals.double(), offsets.double()
+    s = normals.detach().abs().amax(dim=-1)
+    if bool((s == 0).any()):
         raise ValueError("normals must be non-zero")
-    return (z.abs() / norms.unsqueeze(-2)).amin(dim=(-1, -2))
+    w, b = normals / s.unsqueeze(-1), offsets / s
+    z = (x @ w.transpose(-1, -2) - b.unsqueeze(-2)).abs() / w.norm(dim=-1).unsqueeze(-2)
+    return z.amin(dim=(-1, -2)).to(out)

@@ -27,6 +27,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+
+from der.functional import empirical_margin as _margin
+from der.functional import entropy_from_counts
 
 __all__ = [
     "block_sparse_flops",
@@ -63,26 +67,19 @@ def shannon_entropy(p) -> float:
     p = np.asarray(p, dtype=np.float64).ravel()
     if p.size == 0 or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"p must be a non-empty, finite, non-negative vector with positive sum, got {p}")
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(entropy_from_counts(torch.from_numpy(p)))
 
 
 def empirical_margin(x, normals, offsets) -> float:
-    r"""Empirical margin :math:`\hat\gamma(S)=\min_{i,t}|w_t^\top x_i-b_t|/\|w_t\|` (App. H.3), float64.
+    r"""Empirical margin :math:`\hat\gamma(S)=\min_{i,t}|w_t^\top x_i-b_t|/\|w_t\|` (App. H.3) of NumPy
+    inputs, as a float: :func:`der.functional.empirical_margin` in float64.
 
     Args: ``x (n, d)``, ``normals (m, d)``, ``offsets (m,)``.
     """
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(normals, dtype=np.float64)
-    b = np.asarray(offsets, dtype=np.float64)
-    if x.ndim != 2 or w.ndim != 2 or w.shape[1] != x.shape[1] or b.shape != (w.shape[0],):
+    x, w, b = (torch.as_tensor(np.asarray(v, dtype=np.float64)) for v in (x, normals, offsets))
+    if x.ndim != 2 or w.ndim != 2 or b.ndim != 1:
         raise ValueError(f"expected x (n, d), normals (m, d), offsets (m,); got {x.shape}, {w.shape}, {b.shape}")
-    if not (np.isfinite(x).all() and np.isfinite(w).all() and np.isfinite(b).all()):
-        raise ValueError("x, normals and offsets must be finite")
-    nrm = np.linalg.norm(w, axis=1)
-    if (nrm == 0).any():
-        raise ValueError("normals must be non-zero")
-    return float((np.abs(x @ w.T - b) / nrm).min())
+    return float(_margin(x, w, b))
 
 
 def theorem4_epsilon(gamma_hat: float, tau: float, n: int, d: int, m: int, delta: float,

@@ -93,3 +93,17 @@ def test_degenerate_reference_raises() -> None:
     line = np.array([[0, 0], [1, 1], [2, 2]], float)
     with pytest.raises(ValueError, match="degenerate"):
         M.hull_area_symdiff_pct(line, np.random.rand(5, 2))
+
+
+def test_hull_polygon_and_truth_hull_are_the_exact_chain() -> None:
+    """One monotone chain: metrics.hull_polygon and truth.hull_ccw are convex_hull(method="monotone")."""
+    from der.geometry import convex_hull
+    from der.truth.hull import hull_ccw
+
+    rng = np.random.default_rng(7)
+    t = rng.random(300)
+    near = np.c_[t, 0.1 + 0.3 * t + rng.integers(-2, 3, 300) * 2.0**-52]  # turns below float resolution
+    for p in (rng.random((500, 2)), near, np.repeat(rng.random((20, 2)), 3, axis=0), np.zeros((4, 2))):
+        idx = convex_hull(p, method="monotone")
+        np.testing.assert_array_equal(hull_ccw(p), idx)
+        np.testing.assert_array_equal(M.hull_polygon(p), p[idx])

@@ -156,15 +156,11 @@ def approximation_error(
     """Errors of approximate counts ``approx`` vs the exact streaming counts: relative L1 of the counts and
     absolute error of the entropy (nats) of ``counts/Σcounts`` (Eq. 3), maximized over the batch."""
     from der._ops import softmax_counts
+    from der.functional import entropy_from_counts as ent
 
     with torch.no_grad():
         exact = softmax_counts(feat, weight, bias).double()
         approx = approx.detach().double()
-
-        def ent(c: torch.Tensor) -> torch.Tensor:
-            p = c / c.sum(-1, keepdim=True)
-            return -(p * p.clamp_min(1e-300).log()).sum(-1)
-
         rel_l1 = ((approx - exact).abs().sum(-1) / exact.sum(-1)).max()
         return {
             "counts_rel_l1": float(rel_l1),

@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from der._validate import as_points
+
 __all__ = [
     "DISTRIBUTIONS",
     "check_points",
@@ -46,24 +48,8 @@ __all__ = [
 def check_points(
     points, dim: int | tuple[int, ...] = 2, name: str = "points", check_finite: bool = True
 ) -> np.ndarray:
-    """Validate ``points`` as a finite ``(n, dim)`` real array; return it as C-contiguous float64.
-
-    Raises ``ValueError`` (saying what was expected and what came) on a wrong shape, a non-numeric
-    dtype, or NaN/Inf entries. No copy is made when the input is already float64 C-contiguous.
-    ``check_finite=False`` skips the NaN/Inf check (for callers that fuse it into their own pass).
-    """
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    arr = np.asarray(points)
-    want = " or ".join(f"(n, {d})" for d in dims)
-    if arr.ndim != 2 or arr.shape[1] not in dims:
-        raise ValueError(f"{name} must be {want}, got shape {arr.shape}")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    if check_finite and arr.size and not np.isfinite(arr).all():
-        bad = int(np.count_nonzero(~np.isfinite(arr).all(axis=1)))
-        raise ValueError(f"{name} must be finite, got {bad} row(s) with NaN or Inf")
-    return arr
+    """``points`` as a finite C-contiguous float64 ``(n, dim)`` array (:func:`der._validate.as_points`)."""
+    return as_points(points, dim, name, check_finite=check_finite)
 
 
 def _check_n(n: int) -> int:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from der._io import MissingStateError, first_nonfinite, load_state, save_state
-from der.geometry.metrics import as_points
+from der._validate import as_points
 
 __all__ = ["STATE_KIND", "EntropyNet", "EntropyNetConfig", "SURROGATES", "WEIGHTS_DIR", "grid_dedup", "weights_path"]
 
@@ -253,7 +253,7 @@ class EntropyNet(nn.Module):
             ``(m, d)`` float64 moved points, ``m ≤ n`` after the dedup step, in input coordinates; with
             ``return_index=True`` also the ``(m,)`` indices of the input rows they came from.
         """
-        pts = as_points(points, self.config.d)
+        pts = as_points(points, self.config.d, min_rows=1)
         lo = pts.min(0)
         scale = float((pts.max(0) - lo).max()) or 1.0
         moved = lo + self.displace_numpy((pts - lo) / scale) * scale

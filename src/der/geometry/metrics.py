@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from der._validate import as_points
+
 __all__ = [
-    "as_points",
     "polygon_area",
     "hull_polygon",
     "hull_area_symdiff_pct",
@@ -27,25 +28,6 @@ __all__ = [
     "vertex_recall",
     "hull_errors",
 ]
-
-
-def as_points(points: object, d: int | None = 2, name: str = "points", min_rows: int = 1) -> np.ndarray:
-    """Validate and return ``points`` as a C-contiguous float64 ``(n, d)`` array.
-
-    Raises ``ValueError`` for a wrong shape, too few rows, or NaN/Inf, saying what was expected.
-    """
-    arr = np.asarray(points)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-    want = f"(n, {d})" if d is not None else "(n, d)"
-    if arr.ndim != 2 or (d is not None and arr.shape[1] != d):
-        raise ValueError(f"{name} must be {want}, got shape {arr.shape}")
-    if arr.shape[0] < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} rows, got {arr.shape[0]}")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return arr
 
 
 def polygon_area(poly: np.ndarray) -> float:
@@ -57,33 +39,13 @@ def polygon_area(poly: np.ndarray) -> float:
 
 
 def hull_polygon(points: np.ndarray) -> np.ndarray:
-    """Counter-clockwise convex hull vertices ``(h, 2)`` of ``points`` (Andrew's monotone chain, exact
-    orientation tests in float64). Degenerate input (all collinear / one point) gives ``h ≤ 2``."""
-    pts = np.unique(as_points(points, 2), axis=0)  # lexicographic sort + dedup
-    if len(pts) <= 2:
-        return pts
+    """Counter-clockwise convex hull vertices ``(h, 2)`` of ``points``: the exact monotone chain of
+    :func:`der.geometry.convex_hull` (``method="monotone"``). Degenerate input (all collinear / one point)
+    gives ``h ≤ 2``."""
+    from der.geometry.hull import convex_hull
 
-    def chain(seq: np.ndarray) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        for p in seq:
-            while len(out) >= 2:
-                a, b = out[-2], out[-1]
-                if (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) > 0:
-                    break
-                out.pop()
-            out.append(p)
-        return out
-
-    # Only candidate extreme points matter; pre-filter with a fast QHull-free pass for large inputs.
-    if len(pts) > 2000:
-        from scipy.spatial import ConvexHull, QhullError
-
-        try:
-            pts = pts[np.sort(ConvexHull(pts).vertices)]
-        except QhullError:  # degenerate (collinear) input: the plain chain below handles it
-            pass
-    lower, upper = chain(pts), chain(pts[::-1])
-    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
+    pts = as_points(points, 2, min_rows=1)
+    return pts[convex_hull(pts, method="monotone")]
 
 
 def _clip(subject: np.ndarray, clip: np.ndarray) -> np.ndarray:
@@ -147,14 +109,14 @@ def hausdorff(a: np.ndarray, b: np.ndarray) -> float:
     """Symmetric Hausdorff distance between finite point sets ``a: (n, d)`` and ``b: (m, d)``."""
     from scipy.spatial import cKDTree
 
-    a = as_points(a, None, "a")
-    b = as_points(b, a.shape[1], "b")
+    a = as_points(a, None, "a", min_rows=1)
+    b = as_points(b, a.shape[1], "b", min_rows=1)
     return float(max(cKDTree(b).query(a)[0].max(), cKDTree(a).query(b)[0].max()))
 
 
 def vertex_recall(reference: np.ndarray, other: np.ndarray, tol: float = 1e-3) -> float:
     """Fraction of hull(reference) vertices with a hull(other) vertex within ``tol · diag``."""
-    ref = as_points(reference, 2, "reference")
+    ref = as_points(reference, 2, "reference", min_rows=1)
     a, b = hull_polygon(ref), hull_polygon(other)
     diag = float(np.linalg.norm(ref.max(0) - ref.min(0)))
     d = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1).min(axis=1)
@@ -164,7 +126,7 @@ def vertex_recall(reference: np.ndarray, other: np.ndarray, tol: float = 1e-3) -
 def hull_errors(reference: np.ndarray, other: np.ndarray, tol: float = 1e-3) -> dict[str, float]:
     """All hull metrics at once: area symmetric difference (%), region Hausdorff (absolute and relative
     to the bounding-box diagonal), and vertex recall at ``tol``."""
-    ref = as_points(reference, 2, "reference")
+    ref = as_points(reference, 2, "reference", min_rows=1)
     diag = float(np.linalg.norm(ref.max(0) - ref.min(0))) or 1.0
     h = hull_hausdorff(ref, other)
     return {

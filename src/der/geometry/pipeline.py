@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from der.geometry.metrics import as_points, hull_errors
+from der._validate import as_points
+from der.geometry.metrics import hull_errors
 
 __all__ = ["PipelineResult", "preprocess_then", "learned_directions", "ALGORITHMS", "MODES"]
 

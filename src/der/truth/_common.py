@@ -7,6 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+
+from der._validate import as_points
+from der.functional import entropy_from_counts
 
 try:  # numba is in the ``geometry`` extra; the pure-Python DP below is the fallback
     from numba import njit
@@ -38,19 +42,8 @@ class TruthResult:
 
 
 def check_points(points, d: int, name: str = "points") -> np.ndarray:
-    """Finite ``(n, d)`` float64 array with ``n >= 1``; ``ValueError`` saying what came otherwise."""
-    try:
-        arr = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a real (n, {d}) array, got {type(points).__name__}") from e
-    if arr.ndim != 2 or arr.shape[1] != d:
-        raise ValueError(f"{name} must have shape (n, {d}), got {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{name} must contain at least one point, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        bad = int(np.count_nonzero(~np.isfinite(arr).all(axis=1)))
-        raise ValueError(f"{name} must be finite, got {bad} row(s) with NaN or Inf")
-    return np.ascontiguousarray(arr)
+    """Finite ``(n, d)`` float64 array with ``n >= 1`` (:func:`der._validate.as_points`)."""
+    return as_points(points, d, name, min_rows=1)
 
 
 def part_costs(n: int) -> np.ndarray:
@@ -64,8 +57,7 @@ def part_costs(n: int) -> np.ndarray:
 def labels_entropy(labels: np.ndarray) -> float:
     """Per-point entropy (nats) of the partition given by integer ``labels``."""
     _, counts = np.unique(labels, return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(entropy_from_counts(torch.from_numpy(counts.astype(np.float64))))
 
 
 def respectful_masks(n: int, oracle: Callable[[np.ndarray], bool]) -> np.ndarray:

@@ -32,35 +32,15 @@ ANGLE_TOL = 1e-9
 
 # --------------------------------------------------------------------------- 2-d hull primitives
 def hull_ccw(points: np.ndarray) -> np.ndarray:
-    """Indices of the strict convex-hull vertices, counter-clockwise (Andrew's monotone chain).
+    """Indices of the strict convex-hull vertices, counter-clockwise from the lexicographically smallest:
+    the exact monotone chain of :func:`der.geometry.convex_hull` (``method="monotone"``).
 
     Collinear boundary points are not vertices. One index for a single distinct point, two for a
-    collinear set.
+    collinear set; of exact duplicates the smallest index.
     """
-    pts = np.asarray(points, dtype=np.float64)
-    order = np.lexsort((pts[:, 1], pts[:, 0]))
-    uniq = [order[0]]
-    for i in order[1:]:
-        if not np.array_equal(pts[i], pts[uniq[-1]]):
-            uniq.append(i)
-    if len(uniq) <= 2:
-        return np.array(uniq, dtype=np.int64)
+    from der.geometry.hull import convex_hull
 
-    def chain(idx):
-        out: list[int] = []
-        for i in idx:
-            while len(out) >= 2:
-                a, b, c = pts[out[-2]], pts[out[-1]], pts[i]
-                if (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0]) <= 0:
-                    out.pop()
-                else:
-                    break
-            out.append(int(i))
-        return out
-
-    lower, upper = chain(uniq), chain(uniq[::-1])
-    ring = lower[:-1] + upper[:-1]
-    return np.array(ring if len(ring) >= 2 else uniq[:1] + uniq[-1:], dtype=np.int64)
+    return convex_hull(points, method="monotone")
 
 
 def _halfplanes(poly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
