@@ -31,3 +31,14 @@ def test_known_and_unknown_files(tmp_path):
     assert "reproduced (ordering" in line and "not reproduced" not in line
     line = next(li for li in text.splitlines() if li.startswith("| Table 24 (analog)"))
     assert "gap 0.20" in line and "| reproduced" in line
+
+
+def test_sibling_files_come_from_the_folder_being_judged(tmp_path):
+    kernel = {"summary": {"ours_speedup_median": 3.5, "ours_speedup_median_N>=1024": 3.6, "ours_speedup_min": 3.1,
+                          "flex_fwd_speedup_median": None}, "rows": [{"ours_speedup": 3.5, "N": 256}]}
+    (tmp_path / "attention_kernel.json").write_text(json.dumps(kernel))
+    assert "where the time goes" not in mc.render(tmp_path)  # no breakdown file here: none is read from elsewhere
+    bd = {"rows": [{"matmul_fraction_of_sgemm": 0.5, "op_share_of_kernel": {"matmul": 0.6, "softmax": 0.1}}]}
+    (tmp_path / "attention_breakdown.json").write_text(json.dumps(bd))
+    row = next(line for line in mc.render(tmp_path).splitlines() if "attention_kernel.json" in line)
+    assert "batched matmuls 60%–60% of the kernel at 50%–50%" in row and "met on every shape" in row

@@ -1,6 +1,7 @@
 """Judges for the claims table that read the geometry, kernel, surrogate-op and MiniLM result files.
 
-Each judge takes the parsed JSON of one result file and returns ``(our counterpart, verdict)``; used by
+Each judge takes the parsed JSON of one result file (and, for those that also read a sibling file, the
+folder it came from) and returns ``(our counterpart, verdict)``; used by
 ``der_lab.report.claims``. Nothing here is typed by hand: every number comes from the file.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from der_lab.harness import results_dir
 
@@ -117,7 +119,7 @@ def table22(d: dict) -> Verdict:
     return txt, "reproduced" if fastest * 1e3 <= 0.8 else "not reproduced (forward pass ≫ 0.8 ms on CPU)"
 
 
-def kernel(d: dict) -> Verdict:
+def kernel(d: dict, results: Path | None = None) -> Verdict:
     s = d["summary"]
     txt = (f"median {_x(s['ours_speedup_median'])} dense SDPA over all shapes, {_x(s['ours_speedup_median_N>=1024'])} "
            f"at N ≥ 1024, min {_x(s['ours_speedup_min'])}; compiled FlexAttention forward {_x(s['flex_fwd_speedup_median'])}")
@@ -126,7 +128,7 @@ def kernel(d: dict) -> Verdict:
         txt += (f"; {len(below)} of {len(d['rows'])} shapes below 3× "
                 f"({_x(min(r['ours_speedup'] for r in below))}–{_x(max(r['ours_speedup'] for r in below))}, "
                 f"N ≤ {max(r['N'] for r in below)})")
-    bd = _sibling("attention_breakdown.json")
+    bd = _sibling("attention_breakdown.json", results)
     if bd:
         fr = [r["matmul_fraction_of_sgemm"] for r in bd["rows"]]
         mm = [r["op_share_of_kernel"]["matmul"] for r in bd["rows"]]
@@ -138,7 +140,7 @@ def kernel(d: dict) -> Verdict:
     return txt, "met on the median, not on every shape" if below else "met on every shape"
 
 
-def overhead_goal(d: dict) -> Verdict:
+def overhead_goal(d: dict, results: Path | None = None) -> Verdict:
     """Issue 7's ≤2% DER training-step overhead, per model at the paper default k = ⌊√N⌋ on every step:
     median / paired overhead and the 95% bootstrap interval of the paired one (``der bench der-overhead``)."""
     parts, met = [], []
@@ -149,7 +151,7 @@ def overhead_goal(d: dict) -> Verdict:
         parts.append(f"{tag}: {r['cpu_overhead_pct']:.2f}% / paired {r['cpu_paired_overhead_pct']:.2f}%{cis}")
         if r.get("anchors_rule") == "sqrt" and r.get("every", 1) == 1:
             met.append((r["name"], r["cpu_paired_overhead_pct"] <= 2.0, ci is not None and ci[1] <= 2.0))
-    rerun = _sibling("der_overhead_rerun.json")
+    rerun = _sibling("der_overhead_rerun.json", results)
     if rerun:  # the same bench run again later: between-run drift exceeds the within-run interval
         again = {r["name"]: r["cpu_paired_overhead_pct"] for r in rerun["rows"]
                  if r.get("anchors_rule") == "sqrt" and r.get("every", 1) == 1}
@@ -186,21 +188,21 @@ def geometry_algos(d: dict) -> Verdict:
     return txt, "goals met" if ok else "goals partly met"
 
 
-def _sibling(name: str) -> dict | None:
-    """Another result file under benchmarks/results/, if it was produced."""
-    p = results_dir() / name
+def _sibling(name: str, results: Path | None) -> dict | None:
+    """Another result file in the folder being judged (``results``; default the results dir), if produced."""
+    p = results_dir(results) / name
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def _thp_rows() -> list[dict]:
+def _thp_rows(results: Path | None) -> list[dict]:
     """Goal-case rows of the huge-page rerun of the surrogate-op bench, if it was run."""
-    d = _sibling("surrogate_op_thp.json")
+    d = _sibling("surrogate_op_thp.json", results)
     if d is None:
         return []
     return [r for r in d["rows"] if (r["N"], r["k"], r["d"]) in GOAL_CASES and "speedup" in r]
 
 
-def surrogate_op(d: dict) -> Verdict:
+def surrogate_op(d: dict, results: Path | None = None) -> Verdict:
     parts, ok = [], True
     for r in d["rows"]:
         if (r["N"], r["k"], r["d"]) not in GOAL_CASES:
@@ -215,7 +217,7 @@ def surrogate_op(d: dict) -> Verdict:
                      f"{q['ours_streaming']:.2f}×, its four products alone {q['products_only']:.2f}×, "
                      f"compiled chunks {q['compiled_chunks']:.2f}×, keeping N×k (no recompute) "
                      f"{q['keep_probabilities']:.2f}×")
-    thp = _thp_rows()
+    thp = _thp_rows(results)
     if thp:
         parts.append("with 2 MiB pages (THP_MEM_ALLOC_ENABLE=1, `surrogate_op_thp.json`) the naive path loses its "
                      "page-fault cost and the margin shrinks: " + ", ".join(
