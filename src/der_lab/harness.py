@@ -204,12 +204,7 @@ def write_json(path: str | Path, obj: Any, indent: int = 1) -> Path:
     """``obj`` as JSON at ``path``, atomically (never a half-written file); arrays become lists."""
     path = Path(path)
     text = json.dumps(obj, indent=indent, default=_plain) + "\n"
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-        os.chmod(tmp, 0o644)  # a result file is for reading: not the 0600 of the temporary file
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
