@@ -10,9 +10,10 @@ float16/bfloat16 are computed in float32 inside; float64 stays float64.
 * :func:`partition_entropy` — the hard entropy of a partition (Eq. 1, divided by n).
 * :func:`empirical_margin` — :math:`\hat\gamma(S)` of App. H.3.
 
->>> import torch, der.functional as F
+>>> import torch
+>>> from der import functional as dfn
 >>> x = torch.randn(100, 2); c = torch.randn(4, 2)
->>> bool(0 <= F.anchor_entropy(x, c, alpha=10.0) <= torch.log(torch.tensor(4.0)))
+>>> bool(0 <= dfn.anchor_entropy(x, c, alpha=10.0) <= torch.log(torch.tensor(4.0)))
 True
 """
 

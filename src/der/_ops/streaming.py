@@ -29,13 +29,20 @@ import math
 
 import torch
 
+__all__ = [
+    "DEFAULT_CHUNK_ELEMS",
+    "StreamingSoftmaxCounts",
+    "streaming_counts_backward",
+    "streaming_counts_forward",
+    "streaming_softmax_counts",
+]
+
 #: Feature widths up to which the backward's gradient products are computed transposed (see below).
 _SKINNY_F = 8
 
-#: Elements (``B·C·k``) per chunk: 2^18 float32 = 1 MiB (stays in L2/L3). One thread on this machine timed
-#: 2^16–2^18 best (N=65536, k=256, d=64: 0.46/0.48 s vs 0.59 s at 2^20); the ~4 chunk-sized temporaries
-#: then add ~4 MiB of memory, against the naive path's N×k tensors. Under heavy CPU sharing with 2 threads,
-#: fewer larger parallel regions (2^20–2^22) were faster; pass ``chunk_elems`` to trade memory for that.
+#: Elements (``B·C·k``) per chunk: 2^18 float32 = 1 MiB, so a chunk's buffers stay in L2/L3 cache; the ~4
+#: chunk-sized temporaries add ~4 MiB of memory, against the naive path's N×k tensors. Pass ``chunk_elems``
+#: to trade memory for fewer, larger parallel regions (faster when many threads share few cores).
 DEFAULT_CHUNK_ELEMS = 1 << 18
 
 
@@ -166,8 +173,8 @@ def streaming_counts_backward(
     dfeat3 = dfeat.view(lay.B, lay.N, lay.f) if direct else None
     dW = feat.new_zeros((lay.B, lay.k, lay.f), dtype=torch.float64) if need_w else None
     db = feat.new_zeros((lay.B, lay.k), dtype=torch.float64) if need_b else None
-    # For few features the two gradient products are tall-skinny (output C×f or k×f); BLAS runs them 2–5×
-    # faster as the transposed products Wᵀ·dlᵀ (f×C) and fcᵀ·dl (f×k) (measured for f ≤ 8, 1 and 2 threads).
+    # For few features the two gradient products are tall-skinny (output C×f or k×f); BLAS runs them faster
+    # as the transposed products Wᵀ·dlᵀ (f×C) and fcᵀ·dl (f×k) (see benchmarks/ for the f ≤ 8 crossover).
     skinny = lay.f <= _SKINNY_F
     WT = lay.Wt.contiguous() if skinny else None
     work = _Chunks(lay, C, feat)

@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from der._ops.streaming import DEFAULT_CHUNK_ELEMS, _Layout, _rows_per_chunk
 
+__all__ = ["approximation_error", "nearest_anchors", "subsampled_counts", "truncated_counts"]
+
 
 def subsampled_counts(
     feat: torch.Tensor,

@@ -1,4 +1,4 @@
-r"""Cheap inference paths for EntropyNet and the exact range-pruning filter (issue: make it pay on CPU).
+r"""Cheap CPU inference paths for EntropyNet and the exact range-pruning filter.
 
 Three things live here:
 

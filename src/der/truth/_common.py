@@ -12,6 +12,16 @@ import torch
 from der._validate import as_points
 from der.functional import entropy_from_counts
 
+__all__ = [
+    "TruthResult",
+    "check_points",
+    "exact_partition",
+    "greedy_cover",
+    "labels_entropy",
+    "part_costs",
+    "respectful_masks",
+]
+
 try:  # numba is in the ``geometry`` extra; the pure-Python DP below is the fallback
     from numba import njit
 except ImportError:  # pragma: no cover - exercised only without numba

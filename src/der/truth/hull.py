@@ -26,6 +26,19 @@ import numpy as np
 
 from der.truth._common import TruthResult, exact_partition, greedy_cover, labels_entropy, respectful_masks
 
+__all__ = [
+    "ANGLE_TOL",
+    "hull2d_exact",
+    "hull2d_upper",
+    "hull2d_work",
+    "hull3d_upper",
+    "hull_ccw",
+    "in_triangles",
+    "triangle_is_valid",
+    "triangle_witness",
+    "upper_hull_work",
+]
+
 TWO_PI = 2.0 * np.pi
 ANGLE_TOL = 1e-9
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from der.truth._common import TruthResult, exact_partition, greedy_cover, labels_entropy, respectful_masks
 
+__all__ = ["dominated_by", "maxima2d_work", "maxima_exact", "maxima_greedy", "maxima_mask", "maximal_mask"]
+
 
 def maximal_mask(X: np.ndarray) -> np.ndarray:
     """``(n,)`` bool: the point is maximal (no other *distinct* point is >= it in every coordinate)."""
