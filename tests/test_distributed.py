@@ -67,3 +67,38 @@ def test_two_gloo_ranks_equal_single_process_union(family):
     torch.testing.assert_close(res[1]["xgrad"] / 2, union.grad[96:], atol=1e-6, rtol=1e-6)
     for got, p in zip(res[0]["pgrads"], ref.parameters()):
         torch.testing.assert_close(got, p.grad, atol=1e-6, rtol=1e-6)
+
+
+def _worker_local_n(rank: int, world: int, port: int, out: dict) -> None:
+    """Ranks see different local N with ``num_anchors=None``; EMA anchors stay identical across ranks."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        local = torch.randn(100 + 60 * rank, 2, generator=g, dtype=torch.float64)
+        reg = der.EntropyRegularizer("ball", heuristic="sqrt", seed=rank).double()
+        h = reg(local)
+        ema = der.EntropyRegularizer("ball", num_anchors=4, anchor_update="ema", ema_decay=0.5,
+                                     seed=rank).double()
+        for _ in range(3):
+            ema(local + rank)
+        out[rank] = {"k": reg.num_anchors, "h": h.item(), "ema": ema.anchors.clone(),
+                     "count": ema.anchor_set.ema_count.clone()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_different_n_agree_on_k_and_ema_state():
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as mgr:
+        out = mgr.dict()
+        mp.start_processes(_worker_local_n, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+        res = dict(out)
+    assert res[0]["k"] == res[1]["k"] == 12  # ⌊√160⌋ from the larger local N, not ⌊√100⌋ = 10
+    assert res[0]["h"] == pytest.approx(res[1]["h"], abs=1e-12)  # one entropy of the union
+    torch.testing.assert_close(res[0]["ema"], res[1]["ema"])
+    torch.testing.assert_close(res[0]["count"], res[1]["count"])
+    assert float(res[0]["count"].sum()) == pytest.approx(260.0, rel=1e-6)  # counts of both ranks summed

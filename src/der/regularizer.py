@@ -7,6 +7,10 @@ Families: ``ball`` (anchors, :math:`H_\text{diff}`, Eq. 2–3), ``halfspace`` (m
 families ``num_anchors`` is the number of ranges m (2^m sign-pattern cells); the heuristics give the
 number of cells k and then m = ⌈log2 k⌉.
 
+The ball family keeps its anchors in a :class:`der._anchors.AnchorSet` (the same building block the
+attention handle uses per head), so the anchor update rule (``anchor_update``), the objective and the
+geometry are options of the one implementation (see :mod:`der._anchors`).
+
 Lifecycle: parameters are created eagerly when ``dim`` and ``num_anchors`` are given (Gaussian draw) or
 at the first call; either way, with a data-dependent ``init`` they are (re)seeded *in place* from the
 first batch, so an optimizer built before the first forward keeps working. Under ``torch.distributed``
@@ -29,11 +33,35 @@ import torch
 from torch import nn
 
 from der import functional as F
+from der._anchors import (
+    AnchorSet,
+    all_reduce_sum,
+    apply_geometry,
+    broadcast_from_rank0,
+    check_anchor_options,
+    distributed,
+    global_max,
+    zero_touch,
+)
 from der._io import atomic_write
-from der.initializers import INIT_METHODS, init_anchors
-from der.schedules import LambdaWindow, anchor_heuristic, cosine_anneal
+from der.initializers import check_init, init_anchors
+from der.schedules import LambdaWindow, alpha_schedule, anchor_heuristic
+
+__all__ = ["FAMILIES", "EntropyRegularizer"]
 
 FAMILIES = ("ball", "halfspace", "box")
+_SET_KEYS = ("anchors", "ema_count", "ema_sum")  # AnchorSet tensors, stored flat: "anchors" as before
+
+
+def _flat_state(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: ``anchor_set.anchors`` → ``anchors`` (keys as in checkpoints of the ball family)."""
+    for name in _SET_KEYS:
+        if f"{prefix}anchor_set.{name}" in state:
+            state[prefix + name] = state.pop(f"{prefix}anchor_set.{name}")
+    state.pop(f"{prefix}anchor_set.initialized", None)  # the regularizer's data_initialized says it
+
+
+_ANCHOR_DEFAULTS = {"anchor_update": "gradient", "objective": "entropy", "geometry": "raw"}
 
 
 class EntropyRegularizer(nn.Module):
@@ -47,11 +75,18 @@ class EntropyRegularizer(nn.Module):
         alpha: α of Eq. 2 (ball), start of the anneal. alpha_final/anneal_steps: cosine anneal
             α → ``alpha_final`` over ``anneal_steps`` calls of :meth:`step` (App. A: 10 → 5).
         tau: τ of Eq. 4 (halfspace/box). metric, L: distance of Eq. 2 (see :func:`der.functional.soft_assign`).
-        init: ``"kmeans++"`` | ``"random"`` | ``"faiss"`` (data-dependent seeding of the ranges).
+        init: ``"kmeans++"`` | ``"random"`` (alias ``"data"``) | ``"faiss"`` (data-dependent seeding of the
+            ranges) | ``"normal"`` (keep the Gaussian draw); see :mod:`der.initializers`.
         lam, lam_start, lam_stop: λ and its active window in steps (App. G.11).
         subsample: at most this many points per set per call (a fresh random subset each call).
-        heuristic: ``"geometry"`` (min(16, n/4)), ``"sqrt"`` (⌊√N⌋, attention) or ``"lite"`` (N^{1/3}).
+        heuristic: ``"geometry"`` (min(16, n/4)), ``"sqrt"`` (⌊√N⌋, attention) or ``"cbrt"``/``"lite"``
+            (⌈N^{1/3}⌉); under torch.distributed N is the largest local N of all ranks, so k agrees.
         seed: seeds initialization and subsampling. sync_distributed: all-reduce counts across ranks.
+        anchor_update: ``"gradient"`` (the paper's; degenerate with ``objective="entropy"``, see
+            :mod:`der._anchors`) | ``"ema"`` | ``"frozen"`` — ball family only.
+        objective: ``"entropy"`` (Eq. 3) | ``"marginal"`` | ``"commitment"`` — ball family only.
+        geometry: ``"raw"`` | ``"normalized"`` | ``"spread"`` (scale-free) — ball family only.
+        ema_decay: γ of the EMA k-means step (``anchor_update="ema"``; the step runs in training mode).
 
     Example:
         >>> import torch
@@ -82,12 +117,15 @@ class EntropyRegularizer(nn.Module):
         heuristic: str = "geometry",
         seed: int = 0,
         sync_distributed: bool = True,
+        anchor_update: str = "gradient",
+        objective: str = "entropy",
+        geometry: str = "raw",
+        ema_decay: float = 0.99,
     ) -> None:
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-        if init not in INIT_METHODS:
-            raise ValueError(f"init must be one of {INIT_METHODS}, got {init!r}")
+        check_init(init)
         for name, v in (("alpha", alpha), ("tau", tau)) + ((("alpha_final", alpha_final),) if alpha_final else ()):
             F._check_positive(v, name)
         if metric not in F.METRICS:
@@ -98,6 +136,13 @@ class EntropyRegularizer(nn.Module):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         anchor_heuristic(1, heuristic)  # validates the rule name
+        check_anchor_options(anchor_update, objective, geometry, ema_decay, metric)
+        opts = {"anchor_update": anchor_update, "objective": objective, "geometry": geometry}
+        if family != "ball" and opts != _ANCHOR_DEFAULTS:
+            raise ValueError(f"anchor_update/objective/geometry apply to family='ball', got family={family!r} "
+                             f"with {opts}")
+        self.anchor_update, self.objective, self.geometry = anchor_update, objective, geometry
+        self.ema_decay = float(ema_decay)
         self.family, self.dim, self.num_anchors = family, dim, num_anchors
         self.alpha0, self.alpha_final, self.anneal_steps = float(alpha), alpha_final, anneal_steps
         self.tau, self.metric, self.init, self.heuristic = float(tau), metric, init, heuristic
@@ -107,6 +152,7 @@ class EntropyRegularizer(nn.Module):
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("data_initialized", torch.zeros((), dtype=torch.bool))
         self._gen = torch.Generator().manual_seed(seed + 1)
+        self._register_state_dict_hook(_flat_state)
         self.last_entropy: torch.Tensor | None = None
         if dim is not None and num_anchors is not None:
             self._create(dim, num_anchors, torch.float32, torch.device("cpu"))
@@ -114,7 +160,14 @@ class EntropyRegularizer(nn.Module):
     # ------------------------------------------------------------------ parameters
     @property
     def materialized(self) -> bool:
-        return len(self._parameters) > 0
+        return len(self._parameters) > 0 or "anchor_set" in self._modules
+
+    @property
+    def anchors(self) -> torch.Tensor:
+        """Ball anchors ``(k, d)`` (a parameter for ``anchor_update="gradient"``, else a buffer)."""
+        if self.family != "ball" or "anchor_set" not in self._modules:
+            raise AttributeError(f"no anchors: family={self.family!r}, materialized={self.materialized}")
+        return self.anchor_set.anchors
 
     def _create(self, d: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
         g = torch.Generator().manual_seed(self.seed)
@@ -123,7 +176,9 @@ class EntropyRegularizer(nn.Module):
             return nn.Parameter(torch.randn(*shape, generator=g).to(device=device, dtype=dtype))
 
         if self.family == "ball":
-            self.anchors = param(k, d)
+            self.anchor_set = AnchorSet((k, d), update=self.anchor_update, init=self.init, geometry=self.geometry,
+                                        ema_decay=self.ema_decay, seed=self.seed, dtype=dtype, device=device,
+                                        initial=torch.randn(k, d, generator=g))
         elif self.family == "halfspace":
             self.normals, self.offsets = param(k, d), param(k)
         else:
@@ -133,7 +188,7 @@ class EntropyRegularizer(nn.Module):
     def _num_ranges(self, n: int) -> int:
         if self.num_anchors is not None:
             return self.num_anchors
-        k = anchor_heuristic(n, self.heuristic)
+        k = anchor_heuristic(global_max(n) if self.sync_distributed else n, self.heuristic)
         return k if self.family == "ball" else max(1, math.ceil(math.log2(max(k, 2))))
 
     @torch.no_grad()
@@ -147,10 +202,12 @@ class EntropyRegularizer(nn.Module):
         if bool(self.data_initialized):
             return
         pts = x.reshape(-1, x.shape[-1])
-        centers = init_anchors(pts, self.num_anchors, self.init, self.seed).to(pts)
         if self.family == "ball":
-            self.anchors.copy_(centers)
-        elif self.family == "halfspace":  # planes through seeded points, random unit normals
+            self.anchor_set.seed_from(pts, seed=self.seed, sync=self.sync_distributed)
+            self.data_initialized.fill_(True)
+            return
+        centers = init_anchors(pts, self.num_anchors, self.init, self.seed).to(pts)
+        if self.family == "halfspace":  # planes through seeded points, random unit normals
             normals = torch.randn(self.normals.shape, generator=torch.Generator().manual_seed(self.seed))
             normals = (normals / normals.norm(dim=-1, keepdim=True)).to(pts)
             self.normals.copy_(normals)
@@ -163,13 +220,14 @@ class EntropyRegularizer(nn.Module):
         self.data_initialized.fill_(True)
 
     def _distributed(self) -> bool:
-        dist = torch.distributed
-        return self.sync_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return distributed(self.sync_distributed)
 
     def _broadcast_from_rank0(self) -> None:
         if self._distributed():
-            for p in self.parameters():
-                torch.distributed.broadcast(p.data, src=0)
+            broadcast_from_rank0(self.parameters())
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t) if self._distributed() else t
 
     @property
     def lows(self) -> torch.Tensor:
@@ -183,9 +241,7 @@ class EntropyRegularizer(nn.Module):
     @property
     def alpha(self) -> float:
         """Current α (cosine-annealed when ``alpha_final`` is set)."""
-        if self.alpha_final is None:
-            return self.alpha0
-        return cosine_anneal(int(self.step_count), self.alpha0, self.alpha_final, self.anneal_steps)
+        return alpha_schedule(int(self.step_count), self.alpha0, self.alpha_final, self.anneal_steps)
 
     @property
     def lam(self) -> float:
@@ -207,22 +263,31 @@ class EntropyRegularizer(nn.Module):
     def counts(self, x: torch.Tensor) -> torch.Tensor:
         """Soft counts per range cell ``(..., K)`` (summed across ranks under torch.distributed)."""
         self.materialize(x)
-        x = self._maybe_subsample(x)
+        return self._counts(self._maybe_subsample(x))
+
+    def _counts(self, x: torch.Tensor) -> torch.Tensor:
         if self.family == "ball":
-            c = F.anchor_counts(x, self.anchors, self.alpha, self.metric, self.L)
+            xg, cg = apply_geometry(F._check_points(x), self.anchor_set.current().to(x.dtype), self.geometry)
+            c = F.anchor_counts(xg, cg, self.alpha, self.metric, self.L)
         elif self.family == "halfspace":
             c = F.halfspace_counts(x, self.normals, self.offsets, self.tau)
         else:
             c = F.box_counts(x, self.lows, self.highs, self.tau)
-        if self._distributed():
-            import torch.distributed.nn.functional as dist_fn
-
-            c = dist_fn.all_reduce(c)
-        return c
+        return self._reduce(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Surrogate entropy (nats) of ``x: (N, d)`` → scalar, or ``(B, N, d)`` → ``(B,)``."""
-        h = F.entropy_from_counts(self.counts(x))
+        """The objective of ``x: (N, d)`` → scalar, or ``(B, N, d)`` → ``(B,)``: the surrogate entropy (nats)
+        for ``objective="entropy"``. With ``anchor_update="ema"`` in training mode, one EMA k-means step
+        follows on the same points."""
+        self.materialize(x)
+        x = self._maybe_subsample(x)
+        if self.family != "ball":
+            h = F.entropy_from_counts(self._counts(x))
+        else:
+            h = self.anchor_set.objective(x, self.alpha, objective=self.objective, metric=self.metric, L=self.L,
+                                          reduce=self._reduce)
+            if self.anchor_update == "ema" and self.training:
+                self.anchor_set.ema_update(x.reshape(-1, x.shape[-1]), sync=self.sync_distributed)
         self.last_entropy = h.detach()
         return h
 
@@ -232,7 +297,7 @@ class EntropyRegularizer(nn.Module):
         lam = self.lam
         if lam == 0.0:
             self.materialize(x)
-            return sum(p.sum() * 0.0 for p in self.parameters())
+            return zero_touch([*self.parameters(), x])
         return lam * self(x).mean()
 
     def margin(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,10 +319,18 @@ class EntropyRegularizer(nn.Module):
             "tau": self.tau, "metric": self.metric, "init": self.init, "lam": self.window.lam,
             "lam_start": self.window.start, "lam_stop": self.window.stop, "subsample": self.subsample,
             "heuristic": self.heuristic, "seed": self.seed, "sync_distributed": self.sync_distributed,
+            "anchor_update": self.anchor_update, "objective": self.objective, "geometry": self.geometry,
+            "ema_decay": self.ema_decay,
         }
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = {"ball": "anchors", "halfspace": "normals", "box": "centers"}[self.family]
+        if self.family == "ball" and prefix + "anchors" in state_dict:  # the flat keys of _flat_state
+            for name in _SET_KEYS:
+                if prefix + name in state_dict:
+                    state_dict[f"{prefix}anchor_set.{name}"] = state_dict.pop(prefix + name)
+            if prefix + "data_initialized" in state_dict:
+                state_dict.setdefault(prefix + "anchor_set.initialized", state_dict[prefix + "data_initialized"])
+        key = {"ball": "anchor_set.anchors", "halfspace": "normals", "box": "centers"}[self.family]
         if not self.materialized and prefix + key in state_dict:
             t = state_dict[prefix + key]
             self._create(t.shape[-1], t.shape[0], t.dtype, t.device)

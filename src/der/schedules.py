@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+__all__ = ["ANCHOR_RULES", "LambdaWindow", "alpha_schedule", "anchor_heuristic", "cosine_anneal", "icbrt"]
+
+# One anchor-count rule per name; "lite" (the regularizer's old name) and "cbrt" (attention's) are one rule.
+ANCHOR_RULES = ("sqrt", "geometry", "cbrt", "lite")
+
 
 def cosine_anneal(step: int, start: float, end: float, steps: int) -> float:
     """Cosine interpolation from ``start`` (step 0) to ``end`` (step ≥ ``steps``).
@@ -15,6 +20,14 @@ def cosine_anneal(step: int, start: float, end: float, steps: int) -> float:
         return float(end)
     t = min(max(step, 0) / steps, 1.0)
     return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+def alpha_schedule(step: int, alpha: float, alpha_final: float | None, anneal_steps: int | None) -> float:
+    """α after ``step`` schedule steps: constant ``alpha``, or :func:`cosine_anneal` to ``alpha_final``
+    over ``anneal_steps`` steps (``alpha_final=None`` or ``anneal_steps`` 0/None: no anneal)."""
+    if alpha_final is None or not anneal_steps:
+        return float(alpha)
+    return cosine_anneal(step, alpha, alpha_final, anneal_steps)
 
 
 @dataclass(frozen=True)
@@ -36,11 +49,21 @@ class LambdaWindow:
         return self.lam if active else 0.0
 
 
-def anchor_heuristic(n: int, rule: str = "geometry") -> int:
-    """Number of anchors from the paper's heuristics (App. A, G.10).
+def icbrt(n: int) -> int:
+    """⌈n^{1/3}⌉ in exact integer arithmetic (no float rounding at perfect cubes)."""
+    r = max(0, round(n ** (1.0 / 3.0)))
+    while r**3 < n:
+        r += 1
+    while r > 0 and (r - 1) ** 3 >= n:
+        r -= 1
+    return r
 
-    ``"sqrt"``: ⌊√N⌋ (attention); ``"geometry"``: min(16, ⌊n/4⌋); ``"lite"``: round(N^{1/3}) (H_diff-lite).
-    Always ≥ 1.
+
+def anchor_heuristic(n: int, rule: str = "geometry", minimum: int = 1) -> int:
+    """Number of anchors from the paper's heuristics (App. A, G.10), at least ``minimum``.
+
+    ``"sqrt"``: ⌊√N⌋ (attention); ``"geometry"``: min(16, ⌊n/4⌋); ``"cbrt"`` (alias ``"lite"``):
+    ⌈N^{1/3}⌉ (H_diff-lite). The attention handle uses ``minimum=2`` so that H can be > 0.
     """
     if n < 1:
         raise ValueError(f"need n ≥ 1 points, got {n}")
@@ -48,8 +71,8 @@ def anchor_heuristic(n: int, rule: str = "geometry") -> int:
         k = math.isqrt(n)
     elif rule == "geometry":
         k = min(16, n // 4)
-    elif rule == "lite":
-        k = round(n ** (1.0 / 3.0))
+    elif rule in ("cbrt", "lite"):
+        k = icbrt(n)
     else:
-        raise ValueError(f"rule must be 'sqrt', 'geometry' or 'lite', got {rule!r}")
-    return max(1, k)
+        raise ValueError(f"rule must be one of {ANCHOR_RULES}, got {rule!r}")
+    return max(minimum, k)

@@ -255,3 +255,62 @@ def test_key_entropy_layers_batches_layers_exactly():
         torch.testing.assert_close(ent[i], DF.anchor_entropy(keys(o), anchors[i], alpha=0.7))
     assert torch.autograd.gradcheck(
         lambda a, b, c: key_entropy_layers([keys(a), keys(b)], c, 0.7, mask), (*outs, anchors))
+
+
+def _keys_of(model, site, fwd):
+    seen = {}
+    hk = model.get_submodule(site.name).register_forward_hook(lambda m, i, o: seen.setdefault("k", o))
+    fwd()
+    hk.remove()
+    o = seen["k"]
+    return o.reshape(o.shape[0], o.shape[1], site.heads, site.head_dim).transpose(1, 2)
+
+
+def test_ema_anchors_are_buffers_that_follow_the_keys():
+    model = tiny_bert()
+    h = inject(model, DERConfig(seq_len=64, anchor_update="ema", ema_decay=0.5))
+    assert h.parameters() == [] and not any("der_anchors" in n for n, _ in model.named_parameters())
+    assert any(k.endswith("der_anchors.ema_count") for k in model.state_dict())
+    model.train()
+    x = tokens()
+    model(input_ids=x)
+    before = h.sites[0].anchors.anchors.clone()
+    loss = h.loss()  # the EMA k-means step runs here, after the loss used the current anchors
+    assert not torch.equal(before, h.sites[0].anchors.anchors)
+    loss.backward()
+    key_w = model.get_submodule(h.sites[0].name).weight
+    assert key_w.grad is not None and key_w.grad.abs().sum() > 0  # the loss moves the keys only
+    model.eval()
+    model(input_ids=x)
+    frozen = h.sites[0].anchors.anchors.clone()
+    h.loss()
+    assert torch.equal(frozen, h.sites[0].anchors.anchors)  # no EMA step outside training
+
+
+@pytest.mark.parametrize("objective, geometry", [("marginal", "raw"), ("commitment", "normalized"),
+                                                 ("entropy", "spread")])
+def test_new_objectives_match_the_core_objective(objective, geometry):
+    from der._anchors import anchor_objective
+
+    model = tiny_bert()
+    h = inject(model, DERConfig(seq_len=64, objective=objective, geometry=geometry, anchor_update="frozen"))
+    x = tokens()
+    am = torch.ones(2, 64, dtype=torch.long)
+    am[1, 40:] = 0
+    s = h.sites[0]
+    keys = _keys_of(model, s, lambda: model(input_ids=x, attention_mask=am))
+    ent = h.entropy_by_layer()[s.name]
+    ref = anchor_objective(keys.double(), s.anchors.anchors.double(), 5.0, objective=objective, geometry=geometry,
+                           mask=am.bool()[:, None, :]).mean(0)
+    torch.testing.assert_close(ent.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_keys_raise_naming_the_layer():
+    model = tiny_bert()
+    h = inject(model, DERConfig(seq_len=64))
+    model(input_ids=tokens())
+    with torch.no_grad():
+        model.get_submodule(h.sites[1].name).weight[0, 0] = float("nan")
+    model(input_ids=tokens())
+    with pytest.raises(ValueError, match=r"non-finite keys.*layer.*" + h.sites[1].name.replace(".", r"\.")):
+        h.loss()

@@ -22,12 +22,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from der._anchors import check_anchor_options
+from der.initializers import check_init
+from der.schedules import alpha_schedule, anchor_heuristic
 
 # App. G.10 (ViT/BERT, GPT-2, LLaMA-2 columns): α = 5, k = √N, λ = 0.01 (0.03 for GPT-2).
 DEFAULT_ALPHA = 5.0
 DEFAULT_LAM = 0.01
 MODES = ("static", "dynamic")
-ANCHOR_RULES = ("sqrt", "cbrt")  # App. A: k = ⌊√N⌋; "H_diff-lite" uses k = N^{1/3}
+ANCHOR_RULES = ("sqrt", "cbrt", "lite")  # App. A: k = ⌊√N⌋; "H_diff-lite": ⌈N^{1/3}⌉ ("lite" = "cbrt")
 KEY_KINDS = ("linear", "fused_qkv", "heads")
 
 
@@ -106,8 +111,17 @@ class DERConfig:
             uniform rows); see :mod:`der.attention.layouts`.
         every: compute H_diff only on every ``every``-th ``handle.step()`` (App. A "H_diff-lite": reduced
             update frequency; on the other steps ``handle.loss()`` is ``0·Σ anchors``, so anchors still take part).
-        init: ``"data"`` — anchors are set to random keys of the first forward (App. A: random subsets
-            work as well as k-means++), or ``"random"`` — Gaussian with the keys' scale unknown (σ = 1).
+        init: one meaning for point sets and keys (:mod:`der.initializers`): ``"data"`` = ``"random"`` —
+            anchors are random keys of the first forward (App. A: random subsets work as well as
+            k-means++); ``"kmeans++"`` per head; ``"normal"`` — a standard-normal draw, no data.
+        anchor_update: ``"gradient"`` (the paper's: anchors are parameters minimised with the loss;
+            degenerate with ``objective="entropy"``: H → 0 with one live anchor) | ``"ema"`` (stop-gradient
+            EMA k-means, dead anchors re-seeded) | ``"frozen"``; see :mod:`der._anchors`.
+        objective: ``"entropy"`` (Eq. 3, the paper's) | ``"marginal"`` (mean per-key assignment entropy
+            − H) | ``"commitment"`` (distance of each key to its stop-gradient anchor under a balanced
+            Sinkhorn assignment). geometry: ``"raw"`` | ``"normalized"`` | ``"spread"`` (scale-free).
+        ema_decay: γ of the EMA step (``anchor_update="ema"``; the step runs when the loss is computed in
+            training mode).
         key_kind: override the architecture table (``linear`` | ``fused_qkv`` | ``heads``).
         architecture: override detection (a key of :data:`ARCH_DEFAULTS`).
     """
@@ -115,7 +129,7 @@ class DERConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
-    num_anchors: int | str = "sqrt"
+    num_anchors: int | Literal["sqrt", "cbrt", "lite"] = "sqrt"
     seq_len: int | None = None
     alpha: float = DEFAULT_ALPHA
     alpha_final: float | None = None
@@ -127,7 +141,11 @@ class DERConfig:
     mode: str = "static"
     budget: str = "head"
     every: int = 1
-    init: str = "data"
+    init: Literal["data", "random", "kmeans++", "faiss", "normal"] = "data"
+    anchor_update: Literal["gradient", "ema", "frozen"] = "gradient"
+    objective: Literal["entropy", "marginal", "commitment"] = "entropy"
+    geometry: Literal["raw", "normalized", "spread"] = "raw"
+    ema_decay: float = 0.99
     key_kind: str | None = None
     architecture: str | None = None
     seed: int = 0
@@ -158,8 +176,8 @@ class DERConfig:
             raise ValueError(f"budget must be 'head' or 'row', got {self.budget!r}")
         if not (isinstance(self.every, int) and self.every >= 1):
             raise ValueError(f"every must be an int ≥ 1, got {self.every!r}")
-        if self.init not in ("data", "random"):
-            raise ValueError(f"init must be 'data' or 'random', got {self.init!r}")
+        check_init(self.init)
+        check_anchor_options(self.anchor_update, self.objective, self.geometry, self.ema_decay, self.metric)
         if self.key_kind is not None and self.key_kind not in KEY_KINDS:
             raise ValueError(f"key_kind must be one of {KEY_KINDS}, got {self.key_kind!r}")
         if self.architecture is not None and self.architecture not in ARCH_DEFAULTS:
@@ -177,15 +195,11 @@ class DERConfig:
         """k for sequence length ``n`` (App. A: ⌊√N⌋; at least 2 so that H can be > 0)."""
         if isinstance(self.num_anchors, int):
             return self.num_anchors
-        k = math.isqrt(n) if self.num_anchors == "sqrt" else math.ceil(n ** (1.0 / 3.0) - 1e-9)
-        return max(2, k)
+        return anchor_heuristic(n, self.num_anchors, minimum=2)
 
     def alpha_at(self, step: int) -> float:
         """α after ``step`` calls of ``handle.step()`` (cosine anneal α → α_final, App. A/G.11)."""
-        if self.alpha_final is None or self.anneal_steps == 0:
-            return float(self.alpha)
-        t = min(1.0, step / self.anneal_steps)
-        return float(self.alpha_final + 0.5 * (self.alpha - self.alpha_final) * (1 + math.cos(math.pi * t)))
+        return alpha_schedule(step, self.alpha, self.alpha_final, self.anneal_steps)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -4,15 +4,18 @@ The keys of each attention head are the point set :math:`S` of Eq. 2–3; each (
 ``k`` learnable anchors. ``inject(model, config)`` mutates the model in place (PEFT style) and returns a
 :class:`DERHandle`:
 
-* anchors are ``nn.Parameter`` s registered on the model (``<key module>.der_anchors.anchors``, shape
-  ``(H, k, Dh)``), so ``model.parameters()``, optimizers, DDP and FSDP see them; ``handle.loss()`` adds a
-  zero-weighted term for every anchor set whose layer did not run, so each anchor takes part in every
-  step (no DDP "unused parameter" error);
+* anchors are one :class:`der._anchors.AnchorSet` per layer (the regularizer's building block, batched
+  over heads), registered on the model as ``<key module>.der_anchors`` with ``anchors`` of shape
+  ``(H, k, Dh)``. With ``anchor_update="gradient"`` (the paper's) they are ``nn.Parameter`` s, so
+  ``model.parameters()``, optimizers, DDP and FSDP see them, and ``handle.loss()`` adds a zero-weighted
+  term for every anchor set whose layer did not run (no DDP "unused parameter" error); with ``"ema"`` /
+  ``"frozen"`` they are buffers (the EMA k-means step runs at ``loss()``/``entropy()`` in training mode);
 * a forward hook on each matched key module reads the keys ``(B, H, N, Dh)`` (see
   :mod:`der.attention.config` for the per-architecture readers) and computes this forward's
   :math:`H_\text{diff}` per sequence and head (:func:`der.attention._hdiff.key_entropy_layers`, equal to
   :func:`der.functional.anchor_entropy`; padding tokens from a 2-D ``attention_mask`` keyword are excluded);
-* ``handle.entropy()`` → ``(L, H)`` (mean over the batch), ``handle.loss()`` → λ·mean H;
+* ``handle.entropy()`` → ``(L, H)`` (mean over the batch) of the configured objective (:math:`H_\text{diff}`
+  for ``objective="entropy"``), ``handle.loss()`` → λ·its mean; non-finite keys raise naming the layer;
 * ``with handle.calibrate():`` accumulates per-position soft assignments used by
   :mod:`der.attention.layouts` for static layouts;
 * ``handle.remove()`` undoes everything (hooks, parameters, attribute, attention swap of ``convert``).
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from der import functional as DF
+from der._anchors import AnchorSet, anchor_objective, apply_geometry, zero_touch
 from der.attention._hdiff import key_entropy_layers
 from der.attention.config import ARCH_DEFAULTS, DERConfig, detect_architecture, infer_seq_len
 
@@ -170,17 +174,14 @@ def read_keys(output: torch.Tensor, key_kind: str, heads: int, head_dim: int, pa
 
 
 # --------------------------------------------------------------------------- state
-class DERAnchors(nn.Module):
-    """Per-head anchors ``(H, k, Dh)`` of one layer (Eq. 2's :math:`c_j`, one set per head)."""
+DERAnchors = AnchorSet  # the per-layer anchor state: AnchorSet of shape (H, k, Dh)
 
-    def __init__(self, heads: int, k: int, head_dim: int) -> None:
-        super().__init__()
-        self.anchors = nn.Parameter(torch.randn(heads, k, head_dim))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
-    def extra_repr(self) -> str:
-        h, k, d = self.anchors.shape
-        return f"heads={h}, k={k}, head_dim={d}"
+def _new_anchors(heads: int, k: int, head_dim: int, c: DERConfig) -> AnchorSet:
+    """Per-head anchors ``(H, k, Dh)`` of one layer (Eq. 2's :math:`c_j`, one set per head) with the
+    config's update rule, init and geometry."""
+    return AnchorSet((heads, k, head_dim), update=c.anchor_update, init=c.init, geometry=c.geometry,
+                     ema_decay=c.ema_decay, seed=c.seed)
 
 
 @dataclass
@@ -194,7 +195,7 @@ class DERSite:
     heads: int
     head_dim: int
     key_kind: str
-    anchors: DERAnchors
+    anchors: AnchorSet
     hook: object = None
     entropy: torch.Tensor | None = None  # (B, H) of this forward
     pending: torch.Tensor | None = None  # keys (B, H, N, Dh) of this forward, H not computed yet
@@ -241,7 +242,8 @@ class DERHandle:
         self.steps += 1
 
     def parameters(self) -> list[nn.Parameter]:
-        return [s.anchors.anchors for s in self.sites]
+        """The anchor parameters (empty unless ``anchor_update="gradient"``)."""
+        return [s.anchors.anchors for s in self.sites if isinstance(s.anchors.anchors, nn.Parameter)]
 
     # ---------------------------------------------------------------- hooks
     def _on_forward(self, module, args, kwargs):
@@ -278,25 +280,17 @@ class DERHandle:
 
         return qhook
 
+    @staticmethod
+    def _pooled(site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys of one forward as per-head point sets ``(H, B·N, Dh)`` and the valid mask ``(B·N,)``."""
+        pts = keys.detach().transpose(0, 1).reshape(site.heads, -1, site.head_dim)
+        return pts, None if mask is None else mask.reshape(-1)
+
     def _init_from_keys(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """App. A: anchors = a random subset of the keys (k-means++ gives no meaningful difference)."""
-        if self.config.init == "random":
-            site.anchors.initialized.fill_(True)
-            return
-        with torch.no_grad():
-            h, k = site.heads, site.anchors.anchors.shape[1]
-            pts = keys.detach().float().transpose(0, 1).reshape(h, -1, site.head_dim)  # (H, B·N, Dh)
-            valid = torch.arange(pts.shape[1], device=pts.device)
-            if mask is not None:
-                valid = valid[mask.reshape(-1)]
-            g = torch.Generator(device="cpu").manual_seed(self.config.seed + 7919 * self.sites.index(site))
-            replace = valid.numel() < k
-            pick = torch.randint(valid.numel(), (k,), generator=g) if replace else torch.randperm(valid.numel(), generator=g)[:k]
-            chosen = pts[:, valid[pick.to(valid.device)]]
-            if replace:  # fewer keys than anchors: jitter duplicates so they can separate
-                chosen = chosen + 1e-3 * chosen.std().clamp_min(1e-6) * torch.randn(chosen.shape, generator=g).to(chosen)
-            site.anchors.anchors.copy_(chosen.to(site.anchors.anchors))
-            site.anchors.initialized.fill_(True)
+        """Seed the layer's anchors from this forward's keys by ``config.init`` (App. A: a random subset)."""
+        pts, valid = self._pooled(site, keys, mask)
+        site.anchors.seed_from(pts, valid, seed=self.config.seed + 7919 * self.sites.index(site))
 
     def _compute_pending(self) -> None:
         """H_diff (B, H) for every layer whose keys were captured in this forward (Eq. 2–3).
@@ -306,33 +300,42 @@ class DERHandle:
         of kernels laid out for tiny ``k``); other metrics call :func:`der.functional.anchor_entropy` (or
         ``soft_assign`` under key padding) per layer.
         """
-        alpha, metric = self.alpha, self.config.metric
+        alpha, cfg = self.alpha, self.config
+        fast = cfg.metric == "sqeuclidean" and cfg.objective == "entropy" and cfg.geometry == "raw"
         groups: dict[tuple, list[DERSite]] = {}
+        done: list[DERSite] = []
         for s in self.sites:
             if s.pending is None:
                 continue
-            x, a, mask = s.pending, s.anchors.anchors, s.key_mask
-            if metric == "sqeuclidean":
+            x, a, mask = s.pending, s.anchors.current(), s.key_mask
+            done.append(s)
+            if fast:
                 key = (tuple(x.shape), x.dtype, tuple(a.shape), a.dtype, a.device, id(mask))
                 groups.setdefault(key, []).append(s)
                 continue
-            if mask is None:
-                s.entropy = DF.anchor_entropy(x, a, alpha=alpha, metric=metric)
-            else:
-                p = DF.soft_assign(x, a, alpha=alpha, metric=metric) * mask[:, None, :, None]
-                s.entropy = DF.entropy_from_counts(p.sum(-2))
-            s.pending = None
+            s.entropy = anchor_objective(x, a, alpha, objective=cfg.objective, metric=cfg.metric,
+                                         geometry=cfg.geometry, mask=None if mask is None else mask[:, None, :])
         for sites in groups.values():
-            anchors = torch.stack([s.anchors.anchors for s in sites])
+            anchors = torch.stack([s.anchors.current() for s in sites])
             ent = key_entropy_layers([s.pending for s in sites], anchors, alpha, sites[0].key_mask)
             for s, e in zip(sites, ent.unbind(0), strict=True):
-                s.entropy, s.pending = e, None
+                s.entropy = e
+        if done and not bool(torch.stack([torch.isfinite(s.entropy.detach()).all() for s in done]).all()):
+            bad = next(s for s in done if not bool(torch.isfinite(s.entropy.detach()).all()))
+            for s in done:
+                s.entropy = s.pending = None
+            raise ValueError(f"DER: non-finite keys (NaN/Inf) in layer {bad.name!r}; the loss would be NaN")
+        for s in done:
+            if cfg.anchor_update == "ema" and self.model.training:
+                s.anchors.ema_update(*self._pooled(s, s.pending, s.key_mask))
+            s.pending = None
 
     def _accumulate(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
         from der.attention.layouts import query_routing
 
         anchors = site.anchors.anchors.detach()
-        p = DF.soft_assign(keys, anchors, alpha=self.alpha, metric=self.config.metric)
+        p = DF.soft_assign(*apply_geometry(keys, anchors.to(keys.dtype), site.anchors.geometry), alpha=self.alpha,
+                           metric=self.config.metric)
         w = torch.ones(keys.shape[0], keys.shape[2], device=p.device) if mask is None else mask.float()
         sums = {"mass": (p * w[:, None, :, None]).sum(0), "count": w.sum(0)}  # (H, N, k), (N,)
         q = site.queries
@@ -388,12 +391,12 @@ class DERHandle:
         self._compute_pending()
         ent = [s.entropy.mean() for s in self.sites if s.entropy is not None]
         if not ent and self.regularize and not self.active:  # an off-step of `every`: keep anchors in the graph
-            return sum(s.anchors.anchors.sum() * 0.0 for s in self.sites)
+            return zero_touch(self.parameters())
         if not ent:
             raise RuntimeError("no DER entropy recorded: run a forward pass of the model first (with handle.regularize=True)")
         h = torch.stack(ent).mean()
-        idle = [s.anchors.anchors.sum() * 0.0 for s in self.sites if s.entropy is None]
-        return self.lam * h + (sum(idle) if idle else 0.0)
+        idle = [s.anchors.anchors for s in self.sites if s.entropy is None]
+        return self.lam * h + zero_touch(idle)
 
     # ---------------------------------------------------------------- lookup / undo
     def site_for_attention(self, attention: nn.Module) -> DERSite | None:
@@ -448,7 +451,7 @@ def inject(model: nn.Module, config: DERConfig | None = None) -> DERHandle:
         module = model.get_submodule(name)
         parent = _parent(model, name)
         heads, dh = _geometry(module, parent, key_kind)
-        anchors = DERAnchors(heads, k, dh)
+        anchors = _new_anchors(heads, k, dh, config)
         if ref is not None:
             # anchors stay fp32 for half-precision models (fp64 models get fp64 anchors)
             anchors.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
