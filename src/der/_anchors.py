@@ -205,7 +205,8 @@ def anchor_objective(
         q = sinkhorn(-alpha * d.detach(), w)
         total = (q * d).sum(-1) if w is None else (q * d).sum(-1) * w
         n = torch.full_like(total[..., :1], x.shape[-2]) if w is None else w.sum(-1, keepdim=True)
-        return red(total.sum(-1, keepdim=True))[..., 0] / red(n)[..., 0].clamp_min(1.0)
+        value = red(total.sum(-1, keepdim=True))[..., 0] / red(n)[..., 0].clamp_min(1.0)
+        return value + zero_touch([anchors])  # anchor parameters stay in the graph (gradient 0)
     if objective == "entropy" and w is None:
         return DF.entropy_from_counts(red(DF.anchor_counts(xg, cg, alpha, metric, L)))
     p = DF.soft_assign(xg, cg, alpha, metric, L)

@@ -314,3 +314,23 @@ def test_nan_keys_raise_naming_the_layer():
     model(input_ids=tokens())
     with pytest.raises(ValueError, match=r"non-finite keys.*layer.*" + h.sites[1].name.replace(".", r"\.")):
         h.loss()
+
+
+def test_ema_anchor_state_round_trips_through_io(tmp_path):
+    from der.attention import io as der_io
+
+    torch.manual_seed(0)
+    model = tiny_bert()
+    h = inject(model, DERConfig(seq_len=64, anchor_update="ema", geometry="normalized"))
+    model.train()
+    for _ in range(2):
+        model(input_ids=tokens())
+        h.loss()
+    der_io.save(h, tmp_path / "der")
+    torch.manual_seed(0)
+    h2 = der_io.load(tiny_bert(), tmp_path / "der")
+    for a, b in zip(h.sites, h2.sites, strict=True):
+        torch.testing.assert_close(a.anchors.anchors, b.anchors.anchors)
+        torch.testing.assert_close(a.anchors.ema_count, b.anchors.ema_count)
+        assert bool(b.anchors.initialized)
+    assert h2.config.anchor_update == "ema" and h2.config.geometry == "normalized"

@@ -245,6 +245,33 @@ class DERHandle:
         """The anchor parameters (empty unless ``anchor_update="gradient"``)."""
         return [s.anchors.anchors for s in self.sites if isinstance(s.anchors.anchors, nn.Parameter)]
 
+    # ---------------------------------------------------------------- anchor state
+    def anchor_tensors(self) -> dict[str, torch.Tensor]:
+        """Every anchor tensor by file key: ``anchors/<site>`` (and ``anchors/<site>/ema_count|ema_sum``)."""
+        out = {}
+        for s in self.sites:
+            for name, t in s.anchors.state_dict().items():
+                if name != "initialized":
+                    out[f"anchors/{s.name}" + ("" if name == "anchors" else f"/{name}")] = t.detach()
+        return out
+
+    @torch.no_grad()
+    def load_anchor_tensors(self, tensors: dict[str, torch.Tensor], source: str = "state") -> None:
+        """Inverse of :meth:`anchor_tensors`; raises ``ValueError`` naming ``source`` on a missing or
+        mis-shaped tensor."""
+        want = self.anchor_tensors()
+        for key, cur in want.items():
+            t = tensors.get(key)
+            if t is None:
+                raise ValueError(f"{source} has no {key!r} (anchor_update={self.config.anchor_update!r})")
+            if tuple(t.shape) != tuple(cur.shape):
+                raise ValueError(f"{source}: {key} is {tuple(t.shape)}, this model needs {tuple(cur.shape)}")
+        for s in self.sites:
+            for name, t in s.anchors.state_dict(keep_vars=True).items():
+                if name != "initialized":
+                    t.copy_(tensors[f"anchors/{s.name}" + ("" if name == "anchors" else f"/{name}")])
+            s.anchors.initialized.fill_(True)
+
     # ---------------------------------------------------------------- hooks
     def _on_forward(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")

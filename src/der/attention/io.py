@@ -32,7 +32,7 @@ def save(handle: DERHandle, path: str | Path) -> tuple[Path, Path]:
 
     st_path, js_path = _paths(path)
     st_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"anchors/{s.name}": s.anchors.anchors.detach().cpu().contiguous() for s in handle.sites}
+    tensors = {k: v.cpu().contiguous() for k, v in handle.anchor_tensors().items()}
     conv = handle.converted
     meta: dict = {"format": FORMAT, "config": handle.config.to_dict(), "arch": handle.arch,
                   "sites": [s.name for s in handle.sites], "steps": handle.steps, "converted": None}
@@ -60,14 +60,11 @@ def load(model: nn.Module, path: str | Path) -> DERHandle:
     if names != meta["sites"]:
         handle.remove()
         raise ValueError(f"saved DER sites {meta['sites']} do not match this model's matches {names}")
-    with torch.no_grad():
-        for s in handle.sites:
-            a = tensors[f"anchors/{s.name}"]
-            if a.shape != s.anchors.anchors.shape:
-                handle.remove()
-                raise ValueError(f"anchors of {s.name}: saved {tuple(a.shape)}, model needs {tuple(s.anchors.anchors.shape)}")
-            s.anchors.anchors.copy_(a)
-            s.anchors.initialized.fill_(True)
+    try:
+        handle.load_anchor_tensors(tensors, str(st_path))
+    except ValueError:
+        handle.remove()
+        raise
     handle.steps = int(meta.get("steps", 0))
     conv = meta.get("converted")
     if conv is not None:
