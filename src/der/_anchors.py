@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from der import functional as DF
+from der._validate import check_points
 from der.initializers import check_init, seed_points
 
 __all__ = [
@@ -150,7 +151,7 @@ def apply_geometry(x: torch.Tensor, anchors: torch.Tensor, geometry: str, w: tor
         ww = 1.0 if w is None else w[..., None]
         mean = (x * ww).sum(-2, keepdim=True) / n
         var = ((x - mean).square().sum(-1, keepdim=True) * ww).sum(-2, keepdim=True) / n
-        s = var.clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+        s = torch.where(var > 0, var, torch.ones_like(var)).sqrt()  # a set of one repeated point: no rescale
         return x / s, anchors / s
     return x, anchors
 
@@ -196,7 +197,7 @@ def anchor_objective(
     module docstring for the objectives and geometries; ``objective="entropy"`` with ``geometry="raw"``
     equals :func:`der.functional.anchor_entropy`.
     """
-    x = DF._check_points(x)
+    x = check_points(x)
     w = _weights(mask, x)
     xg, cg = apply_geometry(x, anchors.to(x.dtype), geometry, w)
     red = reduce or (lambda t: t)

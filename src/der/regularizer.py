@@ -44,6 +44,7 @@ from der._anchors import (
     zero_touch,
 )
 from der._io import atomic_write
+from der._validate import check_points
 from der.initializers import check_init, init_anchors
 from der.schedules import LambdaWindow, alpha_schedule, anchor_heuristic
 
@@ -267,7 +268,7 @@ class EntropyRegularizer(nn.Module):
 
     def _counts(self, x: torch.Tensor) -> torch.Tensor:
         if self.family == "ball":
-            xg, cg = apply_geometry(F._check_points(x), self.anchor_set.current().to(x.dtype), self.geometry)
+            xg, cg = apply_geometry(check_points(x), self.anchor_set.current().to(x.dtype), self.geometry)
             c = F.anchor_counts(xg, cg, self.alpha, self.metric, self.L)
         elif self.family == "halfspace":
             c = F.halfspace_counts(x, self.normals, self.offsets, self.tau)
