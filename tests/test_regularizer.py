@@ -118,7 +118,7 @@ def test_state_dict_and_safetensors_round_trip(family, tmp_path):
     fresh.load_state_dict(reg.state_dict())
     torch.testing.assert_close(fresh(x), h)
     reg.save(tmp_path / "reg.safetensors")
-    assert (tmp_path / "reg.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reg.safetensors"]  # one file, no sidecar
     loaded = der.EntropyRegularizer.load(tmp_path / "reg.safetensors")
     torch.testing.assert_close(loaded(x), h)
     assert int(loaded.step_count) == 1 and loaded.lam == 0.3 and loaded.config() == reg.config()
@@ -159,3 +159,49 @@ def test_k_greater_than_n_and_entropy_bounded():
     reg = der.EntropyRegularizer("ball", num_anchors=12)
     h = reg(torch.randn(4, 2))
     assert 0 <= float(h) <= math.log(12)
+
+
+def test_saves_with_one_stem_do_not_mix_and_subsampling_continues(tmp_path):
+    x = torch.randn(400, 2)
+    a = der.EntropyRegularizer("ball", num_anchors=3, alpha=2.0, lam=0.1, subsample=50, seed=1)
+    b = der.EntropyRegularizer("ball", num_anchors=3, alpha=9.0, lam=0.7, seed=2)
+    a(x), b(x)
+    a.save(tmp_path / "m.v1")
+    b.save(tmp_path / "m.v2")
+    la, lb = der.EntropyRegularizer.load(tmp_path / "m.v1"), der.EntropyRegularizer.load(tmp_path / "m.v2")
+    assert (la.alpha, la.lam, lb.alpha, lb.lam) == (2.0, 0.1, 9.0, 0.7)
+    torch.testing.assert_close(la.anchors, a.anchors)
+    for _ in range(3):  # the subsample stream continues exactly where the saved one stood
+        torch.testing.assert_close(la(x), a(x))
+
+
+@pytest.mark.parametrize("update", ["ema", "frozen"])
+def test_stop_gradient_rules_round_trip(update, tmp_path):
+    x = torch.randn(200, 3)
+    reg = der.EntropyRegularizer("ball", num_anchors=4, anchor_update=update, objective="commitment",
+                                 geometry="normalized")
+    for _ in range(3):
+        reg(x)
+    reg.save(tmp_path / "r.safetensors")
+    back = der.EntropyRegularizer.load(tmp_path / "r.safetensors")
+    assert back.config() == reg.config()
+    torch.testing.assert_close(back.state_dict(), reg.state_dict())
+    torch.testing.assert_close(back(x), reg(x))
+
+
+def test_damaged_foreign_and_nan_files_name_the_file(tmp_path):
+    reg = der.EntropyRegularizer("ball", num_anchors=2)
+    reg(torch.randn(10, 2))
+    p = reg.save(tmp_path / "r.safetensors")
+    p.write_bytes(p.read_bytes()[:40])
+    with pytest.raises(ValueError, match="r.safetensors"):
+        der.EntropyRegularizer.load(p)
+    from der._io import save_state
+
+    q = save_state(tmp_path / "nan.safetensors", {"anchors": torch.full((2, 2), float("nan"))},
+                   {"config": reg.config()}, kind="der.EntropyRegularizer")
+    with pytest.raises(ValueError, match="nan.safetensors"):
+        der.EntropyRegularizer.load(q)
+    other = save_state(tmp_path / "o.safetensors", {"w": torch.ones(1)}, {}, kind="der.EntropyNet")
+    with pytest.raises(ValueError, match="o.safetensors"):
+        der.EntropyRegularizer.load(other)

@@ -23,7 +23,6 @@ parameters receive exactly :math:`\partial H(\cup S_r)/\partial\Theta`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -43,7 +42,7 @@ from der._anchors import (
     global_max,
     zero_touch,
 )
-from der._io import atomic_write
+from der._io import load_state, save_state
 from der._validate import check_points
 from der.initializers import check_init, init_anchors
 from der.schedules import LambdaWindow, alpha_schedule, anchor_heuristic
@@ -51,6 +50,8 @@ from der.schedules import LambdaWindow, alpha_schedule, anchor_heuristic
 __all__ = ["FAMILIES", "EntropyRegularizer"]
 
 FAMILIES = ("ball", "halfspace", "box")
+STATE_KIND = "der.EntropyRegularizer"
+_GEN_KEY = "_subsample_generator"
 _SET_KEYS = ("anchors", "ema_count", "ema_sum")  # AnchorSet tensors, stored flat: "anchors" as before
 
 
@@ -339,29 +340,28 @@ class EntropyRegularizer(nn.Module):
             self.L = torch.empty_like(state_dict[prefix + "L"])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``path`` (safetensors: parameters and buffers) and ``path`` with ``.json`` (config), atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if v is not None}
-        atomic_write(path, lambda p: save_file(tensors, str(p)))
-        cfg = json.dumps({"der_version": 1, "class": "EntropyRegularizer", "config": self.config()}, indent=2)
-        atomic_write(path.with_suffix(".json"), lambda p: Path(p).write_text(cfg))
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one safetensors file at ``path`` (atomically): parameters, buffers and the subsample
+        generator's state as tensors, :meth:`config` in its metadata (:func:`der._io.save_state`)."""
+        tensors = {k: v for k, v in self.state_dict().items() if v is not None}
+        tensors[_GEN_KEY] = self._gen.get_state()
+        return save_state(path, tensors, {"config": self.config()}, kind=STATE_KIND)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EntropyRegularizer:
-        """Inverse of :meth:`save`."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        if meta.get("class") != "EntropyRegularizer":
-            raise ValueError(f"{path.with_suffix('.json')} does not describe an EntropyRegularizer")
-        cfg = dict(meta["config"])
-        dim, k = cfg.pop("dim"), cfg.pop("num_anchors")
-        reg = cls(**cfg, num_anchors=k)
-        reg.load_state_dict(load_file(str(path)))
+        """Inverse of :meth:`save`: the same config, tensors and subsample stream. ``ValueError`` naming the
+        file for a missing, damaged, foreign or non-finite file, or one whose config does not fit."""
+        tensors, meta = load_state(path, kind=STATE_KIND)
+        gen = tensors.pop(_GEN_KEY, None)
+        try:
+            cfg = dict(meta["config"])
+            dim, k = cfg.pop("dim"), cfg.pop("num_anchors")
+            reg = cls(**cfg, num_anchors=k)
+            reg.load_state_dict(tensors)
+            if gen is not None:
+                reg._gen.set_state(gen)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a loadable EntropyRegularizer state ({e})") from None
         if reg.dim != dim:
             raise ValueError(f"{path}: stored dim {dim} does not match tensors ({reg.dim})")
         return reg

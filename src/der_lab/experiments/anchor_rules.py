@@ -22,19 +22,16 @@ Writes ``anchor_rules.json`` in the results folder.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from der._anchors import AnchorSet, anchor_objective, live_anchors
-from der._io import atomic_write
 from der.functional import pairwise_distance
 from der.initializers import kmeans_plus_plus
 from der_lab.experiments.minilm_sparsity import encode, load_minilm, stdlib_docstrings
-from der_lab.harness import result_path
+from der_lab.harness import Run, result_path
 
 __all__ = ["RULES", "main"]
 
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/anchor_rules.json)")
     args = ap.parse_args(argv)
     out = result_path("anchor_rules.json", args.out)
-    t0 = time.time()
+    run = Run()
     torch.manual_seed(0)
     n = args.seq_len
     tok, model = load_minilm()
@@ -176,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{o['live_per_sequence']['mean']:>7.2f}±{o['live_per_sequence']['sd']:<5.2f}"
               f"{o['live_pooled']['mean']:>7.2f}±{o['live_pooled']['sd']:<5.2f}"
               f"{o['distortion_vs_kmeans']['mean']:>7.3f}±{o['distortion_vs_kmeans']['sd']:<5.3f}")
-    res["seconds"] = time.time() - t0
-    atomic_write(out, lambda p: Path(p).write_text(json.dumps(res, indent=1)))
+    run.write(out, res)
     print(f"wrote {out}")
     return 0
 
