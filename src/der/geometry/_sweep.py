@@ -25,6 +25,7 @@ from numba import njit
 
 from der.geometry._incircle import incircle
 from der.geometry._kernels import orient
+from der.geometry._order import stable_argsort
 
 
 @njit(cache=True, inline="always")
@@ -260,17 +261,7 @@ def _circumradius2(ax, ay, bx, by, cx, cy) -> float:
 
 
 @njit(cache=True)
-def sweep_delaunay(X, Y, order):
-    """Delaunay triangles (t, 3), clockwise, of the points (X, Y); (0, 3) if all are collinear.
-
-    ``order``: insertion order (a permutation of all rows), or empty for the sweep order (distance
-    from the seed circumcentre). Any order gives the same triangulation up to cocircular ties and
-    the choice among exact duplicates (the first inserted is kept); orders other than the sweep's
-    make most insertions go through the walk-and-split path (tests use this)."""
-    n = X.shape[0]
-    i0, i1, i2 = _seed(X, Y) if n >= 3 else (-1, -1, -1)
-    if i2 == -1:
-        return np.zeros((0, 3), dtype=np.int64)
+def _seed_circumcentre(X, Y, i0, i1, i2):
     ax, ay, bx, by = X[i0], Y[i0], X[i1] - X[i0], Y[i1] - Y[i0]
     ex, ey = X[i2] - ax, Y[i2] - ay
     bl, cl = bx * bx + by * by, ex * ex + ey * ey
@@ -280,8 +271,66 @@ def sweep_delaunay(X, Y, order):
         cx, cy = ax + (ey * bl - by * cl) * (0.5 / den), ay + (bx * cl - ex * bl) * (0.5 / den)
     if not (math.isfinite(cx) and math.isfinite(cy)):  # (nearly) flat seed: its centroid will do
         cx, cy = (X[i0] + X[i1] + X[i2]) / 3.0, (Y[i0] + Y[i1] + Y[i2]) / 3.0
-    dist = (X - cx) ** 2 + (Y - cy) ** 2
-    ids = order if order.shape[0] else np.argsort(dist, kind="mergesort")  # stable: ties by index
+    return cx, cy
+
+
+@njit(cache=True)
+def sweep_ranked(X, Y, order):
+    """Delaunay triangles of the points (X, Y) as *ranks* in the insertion order, and that order.
+
+    Returns ``(tri, ids)``: ``tri`` (t, 3) clockwise, its entries index ``ids`` (so ``ids[tri]`` are
+    row indices of the input); (0, 3) if all points are collinear. ``order``: insertion order (a
+    permutation of all rows), or empty for the sweep order (distance from the seed circumcentre,
+    a stable bucket sort). The coordinates are gathered into insertion order first, so the sweep
+    reads them sequentially and every array indexed by a vertex (hull links, coordinates) is
+    visited in the order of the sweep front instead of at random."""
+    n = X.shape[0]
+    i0, i1, i2 = _seed(X, Y) if n >= 3 else (-1, -1, -1)
+    if i2 == -1:
+        return np.zeros((0, 3), dtype=np.int64), np.arange(n)
+    cx, cy = _seed_circumcentre(X, Y, i0, i1, i2)
+    if order.shape[0]:
+        ids = order
+    else:
+        dist = np.empty(n)
+        for i in range(n):
+            dist[i] = (X[i] - cx) ** 2 + (Y[i] - cy) ** 2
+        ids = stable_argsort(dist)
+    XY = np.empty((n, 2))
+    r0 = r1 = r2 = 0
+    for k in range(n):
+        i = ids[k]
+        XY[k, 0], XY[k, 1] = X[i], Y[i]
+        if i == i0:
+            r0 = k
+        elif i == i1:
+            r1 = k
+        elif i == i2:
+            r2 = k
+    return _sweep_core(XY[:, 0], XY[:, 1], r0, r1, r2, cx, cy), ids
+
+
+@njit(cache=True)
+def sweep_delaunay(X, Y, order):
+    """Delaunay triangles (t, 3), clockwise, of the points (X, Y); (0, 3) if all are collinear.
+
+    ``order``: insertion order (a permutation of all rows), or empty for the sweep order (distance
+    from the seed circumcentre). Any order gives the same triangulation up to cocircular ties and
+    the choice among exact duplicates (the first inserted is kept); orders other than the sweep's
+    make most insertions go through the walk-and-split path (tests use this)."""
+    tri, ids = sweep_ranked(X, Y, order)
+    out = np.empty_like(tri)
+    for t in range(tri.shape[0]):
+        for j in range(3):
+            out[t, j] = ids[tri[t, j]]
+    return out
+
+
+@njit(cache=True)
+def _sweep_core(X, Y, i0, i1, i2, cx, cy):
+    """The sweep over rows 0..n-1 of (X, Y) in index order, from the seed triangle (i0, i1, i2)
+    (clockwise) with circumcentre (cx, cy); clockwise triangles (t, 3)."""
+    n = X.shape[0]
     size = max(1, int(math.ceil(math.sqrt(n))))
     hull_hash = np.full(size, -1, dtype=np.int64)
     hull_next = np.empty(n, dtype=np.int64)
@@ -300,8 +349,7 @@ def sweep_delaunay(X, Y, order):
     tlen = _add_tri(tri, he, 0, i0, i1, i2, -1, -1, -1) + 3
     hull_start = i0
     last = -1
-    for k in range(n):
-        i = ids[k]
+    for i in range(n):
         x, y = X[i], Y[i]
         if i == i0 or i == i1 or i == i2 or (last >= 0 and x == X[last] and y == Y[last]):
             continue

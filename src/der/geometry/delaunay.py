@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from der.geometry._sweep import sweep_delaunay
+from der.geometry._order import canonical_from_cw
+from der.geometry._sweep import sweep_ranked
 from der.geometry.data import check_points
 
 __all__ = ["METHODS", "delaunay", "morton_order", "warmup"]
@@ -99,11 +100,13 @@ def _qhull(P: np.ndarray) -> np.ndarray:
 
 
 def _sweep(P: np.ndarray) -> np.ndarray:
-    """Our exact engine on ``P`` (rescaled by a power of two when its magnitude is extreme)."""
+    """Our exact engine on ``P`` (rescaled by a power of two when its magnitude is extreme), in the
+    canonical form."""
     big = float(np.abs(P).max())
     if big > 0.0 and not 2.0**-100 <= big <= 2.0**100:
         P = np.ldexp(P, -int(np.frexp(big)[1]))
-    return sweep_delaunay(np.ascontiguousarray(P[:, 0]), np.ascontiguousarray(P[:, 1]), np.zeros(0, np.int64))
+    tri, ids = sweep_ranked(P[:, 0], P[:, 1], np.zeros(0, np.int64))
+    return canonical_from_cw(tri, ids, len(P))
 
 
 def warmup() -> None:
@@ -125,7 +128,7 @@ def delaunay(points, method: str = "auto") -> np.ndarray:
     if method == "qhull":
         return _canonical(P, _qhull(P))
     if method in ("auto", "sweep"):
-        return _canonical(P, _sweep(P), cw=True)
+        return _sweep(P)
     order = morton_order(P)
     tri = _qhull(np.ascontiguousarray(P[order]))
     return _canonical(P, order[tri] if len(tri) else tri)
