@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[geometry,hf,faiss,plots,exp,dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[geometry,hf,faiss,plots,exp,dev,bench]"
 .venv/bin/python - <<'PY'
 import importlib.util, sys
 import torch

@@ -65,28 +65,32 @@ def stable_argsort(d):
     return out
 
 
+@njit(cache=True, inline="always")
+def _ccw_min_first(tri, ids, t):
+    a, b, c = ids[tri[t, 0]], ids[tri[t, 2]], ids[tri[t, 1]]  # reversed: counter-clockwise
+    if b < a and b < c:
+        return b, c, a
+    if c < a and c < b:
+        return c, a, b
+    return a, b, c
+
+
 @njit(cache=True)
 def canonical_from_cw(tri, ids, n):
     """Canonical triangles (module docstring) from clockwise ``tri`` (t, 3) of ranks into ``ids``."""
     m = tri.shape[0]
-    rows = np.empty((m, 3), dtype=np.int64)
     start = np.zeros(n + 1, dtype=np.int64)
     for t in range(m):
-        a, b, c = ids[tri[t, 0]], ids[tri[t, 2]], ids[tri[t, 1]]  # reversed: counter-clockwise
-        if b < a and b < c:
-            a, b, c = b, c, a
-        elif c < a and c < b:
-            a, b, c = c, a, b
-        rows[t, 0], rows[t, 1], rows[t, 2] = a, b, c
+        a, _, _ = _ccw_min_first(tri, ids, t)
         start[a + 1] += 1
     for v in range(n):
         start[v + 1] += start[v]
     fill = start[:n].copy()
     out = np.empty((m, 3), dtype=np.int64)
     for t in range(m):
-        a = rows[t, 0]
+        a, b, c = _ccw_min_first(tri, ids, t)
         f = fill[a]
-        out[f, 0], out[f, 1], out[f, 2] = a, rows[t, 1], rows[t, 2]
+        out[f, 0], out[f, 1], out[f, 2] = a, b, c
         fill[a] = f + 1
     for v in range(n):
         lo, hi = start[v], start[v + 1]

@@ -275,19 +275,20 @@ def _seed_circumcentre(X, Y, i0, i1, i2):
 
 
 @njit(cache=True)
-def sweep_ranked(X, Y, order):
+def sweep_ranked(X, Y, order, proto):
     """Delaunay triangles of the points (X, Y) as *ranks* in the insertion order, and that order.
 
-    Returns ``(tri, ids)``: ``tri`` (t, 3) clockwise, its entries index ``ids`` (so ``ids[tri]`` are
-    row indices of the input); (0, 3) if all points are collinear. ``order``: insertion order (a
-    permutation of all rows), or empty for the sweep order (distance from the seed circumcentre,
-    a stable bucket sort). The coordinates are gathered into insertion order first, so the sweep
-    reads them sequentially and every array indexed by a vertex (hull links, coordinates) is
-    visited in the order of the sweep front instead of at random."""
+    Returns ``(tri, ids)``: ``tri`` (t, 3) clockwise, of the dtype of ``proto`` (an empty int32 or
+    int64 array), its entries index ``ids`` (so ``ids[tri]`` are row indices of the input); (0, 3)
+    if all points are collinear. ``order``: insertion order (a permutation of all rows), or empty
+    for the sweep order (distance from the seed circumcentre, a stable bucket sort). The
+    coordinates are gathered into insertion order first, so the sweep reads them sequentially and
+    every array indexed by a vertex (hull links, coordinates) is visited in the order of the sweep
+    front instead of at random."""
     n = X.shape[0]
     i0, i1, i2 = _seed(X, Y) if n >= 3 else (-1, -1, -1)
     if i2 == -1:
-        return np.zeros((0, 3), dtype=np.int64), np.arange(n)
+        return np.zeros((0, 3), dtype=proto.dtype), np.arange(n)
     cx, cy = _seed_circumcentre(X, Y, i0, i1, i2)
     if order.shape[0]:
         ids = order
@@ -307,39 +308,40 @@ def sweep_ranked(X, Y, order):
             r1 = k
         elif i == i2:
             r2 = k
-    return _sweep_core(XY[:, 0], XY[:, 1], r0, r1, r2, cx, cy), ids
+    return _sweep_core(XY[:, 0], XY[:, 1], r0, r1, r2, cx, cy, proto), ids
 
 
-@njit(cache=True)
-def sweep_delaunay(X, Y, order):
-    """Delaunay triangles (t, 3), clockwise, of the points (X, Y); (0, 3) if all are collinear.
+def index_proto(n: int) -> np.ndarray:
+    """Empty array of the index dtype for ``n`` points: int32 while 6 n fits, else int64."""
+    return np.empty(0, np.int32 if 6 * n < 2**31 else np.int64)
+
+
+def sweep_delaunay(X: np.ndarray, Y: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Delaunay triangles (t, 3) int64, clockwise, of the points (X, Y); (0, 3) if all are collinear.
 
     ``order``: insertion order (a permutation of all rows), or empty for the sweep order (distance
     from the seed circumcentre). Any order gives the same triangulation up to cocircular ties and
     the choice among exact duplicates (the first inserted is kept); orders other than the sweep's
     make most insertions go through the walk-and-split path (tests use this)."""
-    tri, ids = sweep_ranked(X, Y, order)
-    out = np.empty_like(tri)
-    for t in range(tri.shape[0]):
-        for j in range(3):
-            out[t, j] = ids[tri[t, j]]
-    return out
+    tri, ids = sweep_ranked(X, Y, order, index_proto(len(X)))
+    return ids[tri].astype(np.int64)
 
 
 @njit(cache=True)
-def _sweep_core(X, Y, i0, i1, i2, cx, cy):
+def _sweep_core(X, Y, i0, i1, i2, cx, cy, proto):
     """The sweep over rows 0..n-1 of (X, Y) in index order, from the seed triangle (i0, i1, i2)
-    (clockwise) with circumcentre (cx, cy); clockwise triangles (t, 3)."""
+    (clockwise) with circumcentre (cx, cy); clockwise triangles (t, 3), of the integer dtype of
+    ``proto`` (int32 halves the memory traffic of the triangle arrays where 6 n < 2^31)."""
     n = X.shape[0]
     size = max(1, int(math.ceil(math.sqrt(n))))
-    hull_hash = np.full(size, -1, dtype=np.int64)
-    hull_next = np.empty(n, dtype=np.int64)
-    hull_prev = np.empty(n, dtype=np.int64)
-    hull_tri = np.empty(n, dtype=np.int64)
+    hull_hash = np.full(size, -1, dtype=proto.dtype)
+    hull_next = np.empty(n, dtype=proto.dtype)
+    hull_prev = np.empty(n, dtype=proto.dtype)
+    hull_tri = np.empty(n, dtype=proto.dtype)
     ntri = max(1, 2 * n - 5)
-    tri = np.empty(3 * ntri, dtype=np.int64)
-    he = np.full(3 * ntri, -1, dtype=np.int64)
-    stack = np.empty(3 * ntri, dtype=np.int64)
+    tri = np.empty(3 * ntri, dtype=proto.dtype)
+    he = np.full(3 * ntri, -1, dtype=proto.dtype)
+    stack = np.empty(3 * ntri, dtype=proto.dtype)
     hull_next[i0], hull_prev[i2] = i1, i1
     hull_next[i1], hull_prev[i0] = i2, i2
     hull_next[i2], hull_prev[i1] = i0, i0

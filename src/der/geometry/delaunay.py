@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit
 
 from der.geometry._order import canonical_from_cw
-from der.geometry._sweep import sweep_ranked
+from der.geometry._sweep import index_proto, sweep_ranked
 from der.geometry.data import check_points
 
 __all__ = ["METHODS", "delaunay", "morton_order", "warmup"]
@@ -105,7 +105,7 @@ def _sweep(P: np.ndarray) -> np.ndarray:
     big = float(np.abs(P).max())
     if big > 0.0 and not 2.0**-100 <= big <= 2.0**100:
         P = np.ldexp(P, -int(np.frexp(big)[1]))
-    tri, ids = sweep_ranked(P[:, 0], P[:, 1], np.zeros(0, np.int64))
+    tri, ids = sweep_ranked(P[:, 0], P[:, 1], np.zeros(0, np.int64), index_proto(len(P)))
     return canonical_from_cw(tri, ids, len(P))
 
 
