@@ -226,3 +226,96 @@ def test_sweep_hull_edge_split_regression():
     P = np.array([[-1, -3], [2, -3], [0, -3], [-3, -3], [-3, -4], [-2, -3], [-3, 2], [1, -3], [1, 0], [-3, 1]], float)
     tri = _sweep_in_order(P, np.array([8, 9, 3, 2, 4, 1, 7, 0, 6, 5]))
     _exact_valid(P, tri)
+
+
+@pytest.mark.parametrize("name", ["square", "gaussian", "parabola", "clustered"])
+def test_same_triangles_as_shewchuk_triangle(name):
+    """General position: the Delaunay triangulation is unique, so Triangle's triangle set is ours."""
+    triangle = pytest.importorskip("triangle")
+    from der.geometry.delaunay import _canonical
+
+    P = data.generate(name, 20_000, seed=7)
+    ref = triangle.triangulate({"vertices": P}, "Q")["triangles"]
+    np.testing.assert_array_equal(delaunay(P), _canonical(P, ref))
+
+
+def _incircle_fraction(P, a, b, c, d) -> int:
+    from fractions import Fraction
+
+    (ax, ay), (bx, by), (cx, cy), (dx, dy) = ([Fraction(float(v)) for v in P[i]] for i in (a, b, c, d))
+    m = [(ax - dx, ay - dy), (bx - dx, by - dy), (cx - dx, cy - dy)]
+    lift = [u * u + v * v for u, v in m]
+    det = (lift[0] * (m[1][0] * m[2][1] - m[2][0] * m[1][1])
+           + lift[1] * (m[2][0] * m[0][1] - m[0][0] * m[2][1])
+           + lift[2] * (m[0][0] * m[1][1] - m[1][0] * m[0][1]))
+    return (det > 0) - (det < 0)
+
+
+def _locally_delaunay_edges(P, tri, rows) -> int:
+    """Assert (in rationals) that every interior edge of the triangles ``rows`` is locally Delaunay;
+    return how many edges were checked."""
+    n = len(P)
+    src, dst, opp = (np.concatenate([tri[:, (k + j) % 3] for k in range(3)]) for j in range(3))
+    key = src * n + dst
+    order = np.argsort(key)
+    checked = 0
+    for t in rows:
+        for k in range(3):
+            u, v, w = tri[t, k], tri[t, (k + 1) % 3], tri[t, (k + 2) % 3]
+            # the triangle on the other side of the edge (u, v) holds the directed edge (v, u)
+            j = np.searchsorted(key, v * n + u, sorter=order)
+            if j < len(key) and key[order[j]] == v * n + u:
+                assert _incircle_fraction(P, u, v, w, opp[order[j]]) <= 0
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("name", ["square", "gaussian", "clustered"])
+def test_sampled_edges_locally_delaunay_in_rationals(name):
+    """A triangulation whose every edge is locally Delaunay is the Delaunay triangulation; check a
+    random sample of interior edges exactly (rationals) at a size that exercises the bucket sort."""
+    P = data.generate(name, 100_000, seed=3)
+    tri = delaunay(P)
+    assert len(np.unique(tri)) == len(P)
+    from der.geometry import convex_hull
+
+    assert len(tri) == 2 * len(P) - 2 - len(convex_hull(P))
+    assert _locally_delaunay_edges(P, tri, np.random.default_rng(0).choice(len(tri), 300, replace=False)) > 500
+
+
+def test_grid_lattice_every_cell_cocircular():
+    """Integer lattice 150 x 150 in random order: cocircular everywhere, exact counts and tiling."""
+    g = np.stack(np.meshgrid(np.arange(150.0), np.arange(150.0)), -1).reshape(-1, 2)
+    P = np.random.default_rng(1).permutation(g)
+    tri = delaunay(P)
+    assert len(tri) == 2 * 149**2
+    Q = P.astype(np.int64)
+    a, b, c = Q[tri[:, 0]], Q[tri[:, 1]], Q[tri[:, 2]]
+    cross = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    assert (cross == 1).all()  # unit right triangles: the only Delaunay triangles of a lattice
+
+
+@settings(max_examples=80, deadline=None)
+@given(arrays(np.float64, st.integers(1, 400), elements=st.sampled_from([0.0, 1e-300, 0.5, 1.0, 3.0, 1e300]))
+       | arrays(np.float64, st.integers(1, 400), elements=st.floats(0, 1e6)))
+def test_stable_argsort_equals_numpy(d):
+    from der.geometry._order import stable_argsort
+
+    np.testing.assert_array_equal(stable_argsort(d), np.argsort(d, kind="stable"))
+
+
+@pytest.mark.slow  # compiles the whole engine a second time (int64 indices)
+def test_crowded_buckets_and_wide_indices():
+    """One far outlier puts almost every key in the first bucket (the merge-sort path); the int64
+    index arrays (used past 2^31 / 6 points) give the same triangles as int32."""
+    from der.geometry._order import canonical_from_cw, stable_argsort
+    from der.geometry._sweep import sweep_ranked
+
+    d = np.concatenate([np.random.default_rng(2).random(5000), [1e9]])
+    np.testing.assert_array_equal(stable_argsort(d), np.argsort(d, kind="stable"))
+    P = np.concatenate([data.gaussian(3000, seed=5), [[1e7, 1e7]]])
+    none = np.zeros(0, np.int64)
+    got = [canonical_from_cw(*sweep_ranked(P[:, 0], P[:, 1], none, np.empty(0, dt)), len(P))
+           for dt in (np.int32, np.int64)]
+    np.testing.assert_array_equal(got[0], got[1])
+    assert _locally_delaunay_edges(P, got[0], range(len(got[0]))) > 8000
