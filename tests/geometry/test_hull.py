@@ -239,3 +239,32 @@ def test_dask_hull_matches_in_memory():
         convex_hull_dask(bad, scheduler="synchronous")
     with pytest.raises(ValueError, match=r"\(n, 2\)"):
         convex_hull_dask(da.zeros((10, 3)))
+
+
+@pytest.mark.parametrize("name", ["square", "gaussian", "parabola", "circle"])
+def test_chunked_memmap_matches_in_memory(tmp_path, name):
+    """Chunks of a memory-mapped .npy (path or array), duplicates across chunks, odd chunk sizes."""
+    from der.geometry.dask_hull import convex_hull_chunked
+
+    P = data.generate(name, 30_000, seed=4)
+    D = np.concatenate([P, P[:500], P[::-7]])
+    f = tmp_path / "pts.npy"
+    np.save(f, D)
+    want = convex_hull(D)
+    for chunk in (3, 1001, 7000, len(D) + 5):
+        np.testing.assert_array_equal(convex_hull_chunked(f, chunk_rows=chunk), want)
+    np.testing.assert_array_equal(convex_hull_chunked(np.load(f, mmap_mode="r"), 4096, progress=True), want)
+    np.testing.assert_array_equal(convex_hull_chunked(D.astype(np.float32), 5000), convex_hull(D.astype(np.float32)))
+
+
+def test_chunked_bad_input(tmp_path):
+    from der.geometry.dask_hull import convex_hull_chunked
+
+    with pytest.raises(ValueError, match=r"\(n, 2\)"):
+        convex_hull_chunked(np.zeros((10, 3)))
+    with pytest.raises(ValueError, match="chunk_rows"):
+        convex_hull_chunked(np.zeros((10, 2)), chunk_rows=0)
+    with pytest.raises(ValueError, match="finite"):
+        convex_hull_chunked(np.r_[data.uniform_square(100, 0), [[np.inf, 0]]], chunk_rows=50)
+    assert convex_hull_chunked(np.zeros((0, 2))).shape == (0,)
+    np.testing.assert_array_equal(convex_hull_chunked(np.ones((7, 2)), 3), [0])

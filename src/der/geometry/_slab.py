@@ -7,7 +7,8 @@ slab (widened by the worst rounding of the slab index). A point whose computed s
 ``lo[k] < py < up[k]`` (exact float comparisons) is then strictly inside ``q``, hence strictly inside
 the hull: it can be neither a vertex nor on an edge. The per-point work is one slab index and two
 table loads, with no gathers of edge coefficients, and the same pass accumulates max |P| and a
-NaN/Inf flag (so the input is read once).
+NaN/Inf flag (so the input is read once). Only survivors are written, so the pages of the index
+buffer that no survivor reaches are never touched (the pass costs about one read of the input).
 
 Rigor. The lower chain ``f`` is convex and the upper chain ``g`` concave, so over an interval
 ``[xl, xr]`` max f = max(f(xl), f(xr)) and min g = min(g(xl), g(xr)). Each endpoint value is computed
@@ -88,6 +89,7 @@ def slab_filter(P, x0, inv_w, lo, up):
         t = t if t > 0.0 else 0.0  # also maps NaN to slab 0, which never discards
         t = t if t < top else top
         k = int(t)
-        keep[w] = i  # branch-free compaction
-        w += not ((lo[k] < py) & (py < up[k]))
+        if not ((lo[k] < py) & (py < up[k])):  # rare and well predicted: only survivors touch keep
+            keep[w] = i
+            w += 1
     return keep[:w].copy(), m + bad
