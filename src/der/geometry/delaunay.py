@@ -12,7 +12,10 @@ Methods:
   (float filters with exact fallbacks) and exact handling of the points Delaunator would skip. It
   returns the Delaunay triangulation of the points as given in float64 (where QHull, deciding with
   tolerances, can differ on nearly cocircular or nearly collinear points); of exact duplicates the
-  smallest index takes part. Input whose largest coordinate is outside ``[2^-100, 2^100]`` is rescaled
+  smallest index takes part. The sweep order is a stable bucket sort of the distances (linear time),
+  the coordinates are gathered into that order before the sweep (sequential reads, a compact
+  working set at the sweep front), triangle and halfedge arrays are int32 below 2^31 / 6 points, and
+  the canonical form comes from a counting sort (:mod:`der.geometry._order`). Input whose largest coordinate is outside ``[2^-100, 2^100]`` is rescaled
   by a power of two (exact); the predicates stay exact unless coordinate differences are below ~2^-240
   times the largest coordinate.
 * ``"qhull"`` -- ``scipy.spatial.Delaunay`` on the input as given.

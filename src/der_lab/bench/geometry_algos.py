@@ -17,7 +17,8 @@ sort-based skyline), and check every run's output against the reference (``exact
   triangulation, canonicalized.
 * maxima: sort-based skyline (``sweep``) vs ``paretoset`` vs ``auto`` (pivot filter + sweep).
 
-Writes ``benchmarks/results/geometry_algos.json`` and generates ``docs/geometry_algos.md`` from it.
+Writes ``benchmarks/results/geometry_algos.json`` and generates ``docs/geometry_algos.md`` from it (with
+the peer tables of ``geometry_peers.json``, :mod:`der_lab.bench.geometry_peers`, when that file exists).
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ def write_docs(res: dict) -> None:
         lines.append("")
     if "first_call_s" in res:
         lines += [f"First `convex_hull` call in a fresh process (numba cache load): {res['first_call_s']:.3f} s.", ""]
+    peers = result_path("geometry_peers.json")
+    if peers.exists():
+        from der_lab.bench.geometry_peers import peers_markdown
+
+        lines += peers_markdown(json.loads(peers.read_text()))
     docs = docs_dir() / "geometry_algos.md"
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(lines))

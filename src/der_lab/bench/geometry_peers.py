@@ -1,0 +1,270 @@
+r"""Exact geometry against the best peers: Delaunay vs Shewchuk's Triangle and SciPy; hull vs QHull,
+Shapely/GEOS and the memory floor; a chunked hull of a memory-mapped file larger than the in-memory cases.
+
+    der bench geometry-peers [--quick] [--repeats R] [--max-n N] [--hull-max-n N] [--chunked-n N] [--docs-only]
+
+One process, single thread (our kernels run serially; Triangle, QHull and GEOS are serial). For every
+case the methods run interleaved (A, B, C, A, B, C, ...) after one warm-up call each
+(:func:`der_lab.bench.geometry_algos._time`); medians of wall and process-CPU time, time per point,
+and the ratios in the same run.
+
+* Delaunay: ``ours`` = ``der.geometry.delaunay`` (canonical, sorted output included), ``triangle`` =
+  ``triangle.triangulate({"vertices": P}, "Q")`` (Shewchuk's Triangle, divide and conquer, adaptive
+  exact predicates), ``scipy`` = ``scipy.spatial.Delaunay`` (up to ``--scipy-max-n``; not on the
+  circle, where QHull takes minutes). Check: in
+  general position (uniform, Gaussian, parabola, clustered) our triangle set equals Triangle's;
+  on cocircular input (grid, circle) the Delaunay triangulation is not unique and the triangle
+  counts must agree. The circle is run up to 1e5 only (our slowest case: see the docs).
+* Hull: ``ours`` = ``der.geometry.convex_hull``; ``floor`` = one pass reading every coordinate (a numba
+  max-reduction over the same array: the memory floor of any exact hull); ``scipy`` = QHull;
+  ``shapely`` = ``shapely.convex_hull(shapely.multipoints(P))`` (up to ``--shapely-max-n``; QHull
+  not on the circle above 1e6 nor Shapely above 1e5: minutes). Check:
+  ours equals the exact monotone chain.
+* Chunked: ``convex_hull_chunked`` over a ``.npy`` written in chunks (memory-mapped, uniform square),
+  throughput in points per second; the file is deleted afterwards. It lies in the page cache when
+  read (the machine has enough RAM), so this is the hull's own throughput, not the disk's.
+
+Distributions: ``uniform`` (unit square), ``gaussian``, ``parabola``, ``circle``, ``grid`` (integer
+lattice in row-major order: every cell cocircular), ``clustered``. Writes
+``benchmarks/results/geometry_peers.json``; ``docs/geometry_algos.md`` gets its tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from der._io import atomic_write
+from der_lab.bench.geometry_algos import _time
+from der_lab.harness import result_path
+
+__all__ = ["DISTS", "main", "peers_markdown", "points", "read_floor"]
+
+DISTS = ("uniform", "gaussian", "parabola", "circle", "grid", "clustered")
+GENERAL = ("uniform", "gaussian", "parabola", "clustered")  # unique Delaunay triangulation
+
+
+def points(dist: str, n: int, seed: int = 0) -> np.ndarray:
+    """(n, 2) float64 points of one of ``DISTS``."""
+    from der.geometry import data
+
+    if dist == "grid":
+        side = int(np.ceil(np.sqrt(n)))
+        g = np.stack(np.meshgrid(np.arange(side, dtype=float), np.arange(side, dtype=float)), -1)
+        return np.ascontiguousarray(g.reshape(-1, 2)[:n])
+    return data.generate("square" if dist == "uniform" else dist, n, seed=seed)
+
+
+@njit(cache=True)
+def read_floor(P) -> float:
+    """Largest coordinate of ``P`` (n, 2): one sequential read of the input."""
+    m = -np.inf
+    for i in range(P.shape[0]):
+        m = max(m, max(P[i, 0], P[i, 1]))
+    return m
+
+
+def _per_point(row: dict, n: int, base: str) -> None:
+    b = row["methods"][base]
+    for m in row["methods"].values():
+        m["ns_per_point"] = m["wall_s"] / n * 1e9
+        m["cpu_ns_per_point"] = m["cpu_s"] / n * 1e9
+        m[f"{base}_over_this_wall"] = b["wall_s"] / m["wall_s"]
+        m[f"{base}_over_this_cpu"] = b["cpu_s"] / max(m["cpu_s"], 1e-12)
+
+
+def bench_delaunay(ns, dists, repeats, scipy_max, rows) -> None:
+    import triangle
+    from scipy.spatial import Delaunay
+
+    from der.geometry.delaunay import _canonical, delaunay
+
+    for n in ns:
+        for dist in dists:
+            if dist == "circle" and n > 10**5:
+                continue  # every point on the hull of the sweep: our slowest case, kept to n <= 1e5
+            P = points(dist, n)
+            fns = {"ours": lambda P=P: delaunay(P),
+                   "triangle": lambda P=P: triangle.triangulate({"vertices": P}, "Q")["triangles"]}
+            if n <= scipy_max and dist != "circle":  # QHull on cocircular input: minutes
+                fns["scipy"] = lambda P=P: Delaunay(P).simplices
+            ref: dict = {}
+
+            def check(k, out, ref=ref, P=P, dist=dist):
+                if k != "scipy":
+                    ref[k] = out  # compared below, once
+                return len(out) > 0
+
+            res = _time(fns, repeats, check)
+            ours, tri = ref["ours"], ref["triangle"]
+            same = (np.array_equal(ours, _canonical(P, tri)) if dist in GENERAL else len(ours) == len(tri))
+            row = {"task": "delaunay", "n": n, "dist": dist, "triangles": len(ours),
+                   "triangle_triangles": len(tri), "same_as_triangle": bool(same),
+                   "check": "same triangle set" if dist in GENERAL else "same count (cocircular)",
+                   "methods": res}
+            _per_point(row, n, "triangle")
+            rows.append(row)
+            _print(row, "triangle")
+
+
+def bench_hull(ns, dists, repeats, shapely_max, rows) -> None:
+    import shapely
+    from scipy.spatial import ConvexHull
+
+    from der.geometry import convex_hull
+
+    for n in ns:
+        for dist in dists:
+            P = points(dist, n)
+            want = convex_hull(P, "monotone")
+            fns = {"ours": lambda P=P: convex_hull(P), "floor": lambda P=P: read_floor(P)}
+            if not (dist == "circle" and n > 10**6):  # QHull takes minutes there
+                fns["scipy"] = lambda P=P: ConvexHull(P).vertices
+            if n <= shapely_max and not (dist == "circle" and n > 10**5):
+                fns["shapely"] = lambda P=P: shapely.convex_hull(shapely.multipoints(P))
+
+            def check(k, out, want=want):
+                return np.array_equal(out, want) if k == "ours" else True
+
+            row = {"task": "hull", "n": n, "dist": dist, "h": len(want), "methods": _time(fns, repeats, check)}
+            _per_point(row, n, "floor")
+            rows.append(row)
+            _print(row, "floor")
+
+
+def bench_chunked(n: int, chunk_rows: int, rows) -> None:
+    from numpy.lib.format import open_memmap
+
+    from der.geometry import convex_hull
+    from der.geometry.dask_hull import convex_hull_chunked
+
+    step = 10**7
+    with tempfile.TemporaryDirectory(dir=os.environ.get("DER_TMP")) as tmp:
+        f = Path(tmp) / "points.npy"
+        M = open_memmap(f, mode="w+", dtype=np.float64, shape=(n, 2))
+        rng = np.random.default_rng(0)
+        for lo in range(0, n, step):
+            M[lo : lo + step] = rng.random((min(step, n - lo), 2))
+        M.flush()
+        del M
+        t0, c0 = time.perf_counter(), time.process_time()
+        got = convex_hull_chunked(f, chunk_rows=chunk_rows, progress=True)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        full = np.load(f, mmap_mode="r")
+        same = bool(np.array_equal(got, convex_hull(np.asarray(full))))
+        del full
+    row = {"task": "chunked", "n": n, "dist": "uniform", "chunk_rows": chunk_rows, "bytes": 16 * n,
+           "wall_s": wall, "cpu_s": cpu, "points_per_s": n / wall, "gb_per_s": 16 * n / wall / 1e9,
+           "h": len(got), "same_as_in_memory": same}
+    rows.append(row)
+    print(f"chunked  n={n:.0e}  {wall:.2f}s  {n / wall / 1e6:.1f} Mpt/s  {16 * n / wall / 1e9:.2f} GB/s  "
+          f"same={same}", flush=True)
+
+
+def _print(row: dict, base: str) -> None:
+    cells = [f"{row['task']:8s} {row['n']:>9d} {row['dist']:9s}"]
+    for k, m in row["methods"].items():
+        cells.append(f"{k}={m['wall_s'] * 1e3:.2f}ms ({m['ns_per_point']:.0f} ns/pt, "
+                     f"{base}/{k} x{m[f'{base}_over_this_wall']:.2f})")
+    print("  ".join(cells), flush=True)
+
+
+def peers_markdown(res: dict) -> list[str]:
+    """Markdown sections (lines) of the JSON written by :func:`main`."""
+    out = ["## Peers: Delaunay vs Shewchuk's Triangle, hull vs the memory floor", "",
+           f"Generated by `der bench geometry-peers` from `benchmarks/results/geometry_peers.json` "
+           f"({res['date']}, {res['machine']}, load {res['load_avg_1m_at_start']:.1f} at start, "
+           f"{res['load_avg_1m_at_end']:.1f} at end). Single thread, median of {res['repeats']} interleaved "
+           "runs after a warm-up, ratios within one run. `x` columns: the peer's time over ours "
+           "(> 1: ours is faster); CPU-time ratios are the steadier figure on a shared machine.", ""]
+    dl = [r for r in res["rows"] if r["task"] == "delaunay"]
+    if dl:
+        out += ["### Delaunay (ms; µs per point; Triangle time / ours)", "",
+                "| n | data | ours | Triangle | SciPy | x wall | x cpu | ours µs/pt | check |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in dl:
+            m = r["methods"]
+            sc = f"{m['scipy']['wall_s'] * 1e3:.1f}" if "scipy" in m else "—"
+            out.append(f"| {r['n']:.0e} | {r['dist']} | {m['ours']['wall_s'] * 1e3:.1f} | "
+                       f"{m['triangle']['wall_s'] * 1e3:.1f} | {sc} | {m['ours']['triangle_over_this_wall']:.2f} | "
+                       f"{m['ours']['triangle_over_this_cpu']:.2f} | {m['ours']['ns_per_point'] / 1e3:.2f} | "
+                       f"{r['check']}: {r['same_as_triangle']} |")
+        out.append("")
+    hl = [r for r in res["rows"] if r["task"] == "hull"]
+    if hl:
+        out += ["### Convex hull (ns per point; ours / memory floor; QHull and Shapely time / ours)", "",
+                "| n | data | floor | ours | ours / floor (wall, cpu) | QHull | x QHull | Shapely | x Shapely | exact |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in hl:
+            m = r["methods"]
+            o = m["ours"]
+
+            def peer(k, m=m, o=o):
+                if k not in m:
+                    return "—", "—"
+                return f"{m[k]['ns_per_point']:.1f}", f"{m[k]['wall_s'] / o['wall_s']:.1f}"
+
+            (qs, qx), (ss, sx) = peer("scipy"), peer("shapely")
+            out.append(f"| {r['n']:.0e} | {r['dist']} | {m['floor']['ns_per_point']:.2f} | {o['ns_per_point']:.2f} | "
+                       f"{1 / o['floor_over_this_wall']:.2f}, {1 / o['floor_over_this_cpu']:.2f} | {qs} | {qx} | "
+                       f"{ss} | {sx} | {o['exact']} |")
+        out.append("")
+    for r in (r for r in res["rows"] if r["task"] == "chunked"):
+        out += [f"Chunked hull of a memory-mapped `.npy` ({r['n']:.0e} uniform points, {r['bytes'] / 1e9:.1f} GB, "
+                f"chunks of {r['chunk_rows']} rows, in the page cache): {r['wall_s']:.2f} s, "
+                f"{r['points_per_s'] / 1e6:.1f} M points/s ({r['gb_per_s']:.2f} GB/s); same as in memory: "
+                f"{r['same_as_in_memory']}.", ""]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="der bench geometry-peers", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="n <= 1e5, 3 repeats, no chunked run (smoke run)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-n", type=float, default=1e6, help="largest Delaunay n")
+    ap.add_argument("--hull-max-n", type=float, default=1e7, help="largest hull n")
+    ap.add_argument("--scipy-max-n", type=float, default=1e5, help="largest n timed with SciPy's Delaunay")
+    ap.add_argument("--shapely-max-n", type=float, default=1e6)
+    ap.add_argument("--chunked-n", type=float, default=1e8, help="points of the chunked run (0: skip)")
+    ap.add_argument("--chunk-rows", type=int, default=1 << 22)
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/geometry_peers.json)")
+    ap.add_argument("--docs-only", action="store_true", help="regenerate the docs tables from the JSON")
+    args = ap.parse_args(argv)
+    out = result_path("geometry_peers.json", args.out)
+    if args.docs_only:
+        _write_docs()
+        return 0
+    from der.geometry.delaunay import warmup as warmup_delaunay
+    from der.geometry.hull import warmup
+
+    warmup()
+    warmup_delaunay()
+    read_floor(np.zeros((4, 2)))
+    reps = 3 if args.quick else args.repeats
+    top = 1e5 if args.quick else args.max_n
+    rows: list[dict] = []
+    load0 = os.getloadavg()[0]
+    bench_delaunay([n for n in (10**4, 10**5, 10**6, 10**7) if n <= top], DISTS, reps, args.scipy_max_n, rows)
+    bench_hull([n for n in (10**6, 10**7) if n <= (1e6 if args.quick else args.hull_max_n)], DISTS, reps,
+               args.shapely_max_n, rows)
+    if args.chunked_n and not args.quick:
+        bench_chunked(int(args.chunked_n), args.chunk_rows, rows)
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "load_avg_1m_at_start": load0, "load_avg_1m_at_end": os.getloadavg()[0], "repeats": reps, "rows": rows}
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)))
+    print(f"wrote {out} and {_write_docs()}")
+    return 0
+
+
+def _write_docs() -> Path:
+    from der_lab.bench.geometry_algos import write_docs
+
+    return write_docs(json.loads(result_path("geometry_algos.json").read_text()))
