@@ -42,9 +42,8 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from der._io import atomic_write
 from der_lab.bench.geometry_algos import _time
-from der_lab.harness import result_path
+from der_lab.harness import Run, result_path
 
 __all__ = ["DISTS", "main", "peers_markdown", "points", "read_floor"]
 
@@ -242,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs_only:
         _write_docs()
         return 0
+    run = Run()
     from der.geometry.delaunay import warmup as warmup_delaunay
     from der.geometry.hull import warmup
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_chunked(int(args.chunked_n), args.chunk_rows, rows)
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "load_avg_1m_at_start": load0, "load_avg_1m_at_end": os.getloadavg()[0], "repeats": reps, "rows": rows}
-    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)))
+    run.write(out, res)
     print(f"wrote {out} and {_write_docs()}")
     return 0
 
