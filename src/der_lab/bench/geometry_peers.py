@@ -251,15 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     reps = 3 if args.quick else args.repeats
     top = 1e5 if args.quick else args.max_n
     rows: list[dict] = []
-    load0 = os.getloadavg()[0]
-    bench_delaunay([n for n in (10**4, 10**5, 10**6, 10**7) if n <= top], DISTS, reps, args.scipy_max_n, rows)
-    bench_hull([n for n in (10**6, 10**7) if n <= (1e6 if args.quick else args.hull_max_n)], DISTS, reps,
-               args.shapely_max_n, rows)
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "load_avg_1m_at_start": os.getloadavg()[0], "repeats": reps, "rows": rows}
+
+    def save(done: str) -> None:  # after every section, so a stopped run keeps what it measured
+        res.update(load_avg_1m_at_end=os.getloadavg()[0], completed=done)
+        run.write(out, res)
+
+    for n in (10**4, 10**5, 10**6, 10**7):
+        if n <= top:
+            bench_delaunay([n], DISTS, reps, args.scipy_max_n, rows)
+            save(f"delaunay n={n}")
+    for n in (10**6, 10**7):
+        if n <= (1e6 if args.quick else args.hull_max_n):
+            bench_hull([n], DISTS, reps, args.shapely_max_n, rows)
+            save(f"hull n={n}")
     if args.chunked_n and not args.quick:
         bench_chunked(int(args.chunked_n), args.chunk_rows, rows)
-    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "load_avg_1m_at_start": load0, "load_avg_1m_at_end": os.getloadavg()[0], "repeats": reps, "rows": rows}
-    run.write(out, res)
+        save("all")
     print(f"wrote {out} and {_write_docs()}")
     return 0
 
