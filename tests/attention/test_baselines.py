@@ -12,37 +12,38 @@ from hypothesis import strategies as st
 from der.attention.baselines import (
     KMeansRouter,
     bigbird_layout,
-    block_scores,
     blocks_per_row,
     dense_layout,
     l1_attention_penalty,
     longformer_layout,
     magnitude_layout,
-    topb_layout,
+    topb_mask,
 )
 from der.attention.kernels import block_sparse_attention
-from der.attention.metrics import block_sparsity
+from der.attention.layout import BlockLayout, block_mass
 
 
 @settings(max_examples=25, deadline=None)
 @given(nb=st.integers(1, 24), heads=st.integers(1, 3), density=st.floats(0.0, 1.0), seed=st.integers(0, 99))
 def test_every_baseline_keeps_b_blocks_per_row(nb, heads, density, seed):
-    b = blocks_per_row(nb, density)
-    layouts = [bigbird_layout(nb, heads, density, seed=seed), longformer_layout(nb, heads, density)]
+    sparsity = 1 - density
+    b = blocks_per_row(nb, sparsity)
+    layouts = [bigbird_layout(nb * 4, 4, heads, sparsity, seed=seed), longformer_layout(nb * 4, 4, heads, sparsity)]
     g = torch.Generator().manual_seed(seed)
     attn = torch.softmax(torch.randn(2, heads, nb * 4, nb * 4, generator=g), -1)
-    layouts.append(magnitude_layout(attn, 4, density))
+    layouts.append(magnitude_layout(attn, 4, sparsity))
     router = KMeansRouter(heads, 8, num_clusters=3, seed=seed)
     x = torch.randn(2, heads, nb * 4, 8, generator=g)
-    layouts.append(router(x, x, 4, density))
+    layouts.append(router(x, x, 4, sparsity))
     for lay in layouts:
-        assert lay.dtype == torch.bool and lay.shape[-2:] == (nb, nb) and lay.shape[1] == heads
-        assert torch.all(lay.sum(-1) == b)
-        assert block_sparsity(lay) == pytest.approx(1 - b / nb)
+        assert isinstance(lay, BlockLayout) and lay.block_size == 4 and lay.seq_len == nb * 4
+        assert lay.mask.dtype == torch.bool and lay.shape[-2:] == (nb, nb) and lay.heads == heads
+        assert torch.all(lay.mask.sum(-1) == b)
+        assert lay.sparsity() == pytest.approx(1 - b / nb)
 
 
 def test_longformer_is_global_plus_window():
-    lay = longformer_layout(8, 1, 0.5, num_global=1)[0, 0]  # b = 4
+    lay = longformer_layout(64, 8, 1, 0.5, num_global=1).mask[0, 0]  # b = 4
     assert lay[:, 0].all()
     for i in range(8):
         kept = set(lay[i].nonzero().flatten().tolist()) - {0}
@@ -52,11 +53,11 @@ def test_longformer_is_global_plus_window():
 
 
 def test_bigbird_random_blocks_depend_on_seed_and_head():
-    a = bigbird_layout(16, 4, 0.375, seed=0)  # b = 6: 1 global + 2 random + 3 window
-    b = bigbird_layout(16, 4, 0.375, seed=1)
+    a = bigbird_layout(256, 16, 4, 0.625, seed=0).mask  # b = 6: 1 global + 2 random + 3 window
+    b = bigbird_layout(256, 16, 4, 0.625, seed=1).mask
     assert not torch.equal(a, b)
     assert not all(torch.equal(a[0, 0], a[0, h]) for h in range(1, 4))
-    assert torch.equal(a, bigbird_layout(16, 4, 0.375, seed=0))
+    assert torch.equal(a, bigbird_layout(256, 16, 4, 0.625, seed=0).mask)
     assert a[..., 0].all()  # global key block
     assert torch.diagonal(a[0], dim1=-2, dim2=-1).all()  # window contains the diagonal
 
@@ -64,19 +65,19 @@ def test_bigbird_random_blocks_depend_on_seed_and_head():
 def test_magnitude_picks_heaviest_blocks():
     attn = torch.full((1, 1, 8, 8), 0.01)
     attn[..., 0:2, 6:8] = 1.0  # query block 0 → key block 3 heavy
-    lay = magnitude_layout(attn, 2, 0.25)  # nb = 4, b = 1
+    lay = magnitude_layout(attn, 2, 0.75).mask  # nb = 4, b = 1
     assert lay[0, 0, 0].tolist() == [False, False, False, True]
     # ties → towards the diagonal
-    assert torch.equal(topb_layout(torch.zeros(3, 3), 1 / 3), torch.eye(3, dtype=torch.bool))
-    torch.testing.assert_close(block_scores(attn, 2).sum(), attn.sum())
+    assert torch.equal(topb_mask(torch.zeros(3, 3), 2 / 3), torch.eye(3, dtype=torch.bool))
+    torch.testing.assert_close(block_mass(attn, 2).sum(), attn.sum().double())
     static = magnitude_layout(torch.softmax(torch.randn(3, 2, 16, 16), -1), 4, 0.5, per_input=False)
     assert static.shape == (1, 2, 4, 4)
 
 
 def test_dense_layout_reproduces_dense_attention():
     q = torch.randn(1, 2, 64, 8)
-    lay = dense_layout(4, 2)
-    out = block_sparse_attention(q, q, q, lay, 16)
+    lay = dense_layout(64, 16, 2)
+    out = block_sparse_attention(q, q, q, lay)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q))
 
 
@@ -97,7 +98,7 @@ def test_kmeans_router_ema_and_routing():
     assert torch.allclose(router.centroids.norm(dim=-1), torch.ones(H, 2), atol=1e-5)
     # routed blocks share the cluster: blocks 0,1 ↔ 0,1 and 2,3 ↔ 2,3
     expect = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
-    assert torch.equal(lay[0, 0], expect)
+    assert torch.equal(lay.mask[0, 0], expect)
     router.eval()
     frozen = router.centroids.clone()
     router(x, x, 16, 0.5)
@@ -110,31 +111,32 @@ def test_l1_penalty_gradient_pushes_mass_into_kept_blocks():
     attn = torch.softmax(logits, -1)
     # plain L1 of softmax rows is constant: the point of the pruned-mass formulation
     assert torch.allclose(attn.abs().sum(-1), torch.ones(1, 2, 32))
-    loss = l1_attention_penalty(attn, lam=1.0, block_size=8, density=0.25)
+    loss = l1_attention_penalty(attn, lam=1.0, block_size=8, sparsity=0.75)
     loss.backward()
-    keep = magnitude_layout(attn.detach(), 8, 0.25)
-    mask = keep.repeat_interleave(8, -2).repeat_interleave(8, -1)
+    mask = magnitude_layout(attn.detach(), 8, 0.75).to_dense()
     assert loss.item() > 0 and logits.grad.abs().sum() > 0
     # descent direction raises logits in kept blocks relative to pruned ones
     assert (-logits.grad)[mask].mean() > (-logits.grad)[~mask].mean()
     with torch.no_grad():
         stepped = torch.softmax(logits - 10 * logits.grad, -1)
-    assert l1_attention_penalty(stepped, 1.0, 8, 0.25) < loss
+    assert l1_attention_penalty(stepped, 1.0, 8, 0.75) < loss
     elem = l1_attention_penalty(attn, 0.1)
     assert 0 < elem.item() < 0.1
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="density"):
-        bigbird_layout(8, 2, 1.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        bigbird_layout(64, 8, 2, 1.5)
+    with pytest.raises(ValueError, match="shorter than one block"):
+        longformer_layout(0, 8, 2, 0.5)
     with pytest.raises(ValueError, match="n_blocks"):
-        longformer_layout(0, 2, 0.5)
+        blocks_per_row(0, 0.5)
     with pytest.raises(ValueError, match="heads"):
-        dense_layout(4, 0)
+        dense_layout(64, 16, 0)
     with pytest.raises(ValueError, match="attn must be"):
         magnitude_layout(torch.rand(4, 5), 2, 0.5)
     with pytest.raises(ValueError, match="NaN"):
-        topb_layout(torch.tensor([[math.nan, 0.0], [0.0, 0.0]]), 0.5)
+        topb_mask(torch.tensor([[math.nan, 0.0], [0.0, 0.0]]), 0.5)
     with pytest.raises(ValueError, match="expected H"):
         KMeansRouter(2, 4, 3)(torch.randn(1, 3, 8, 4), torch.randn(1, 3, 8, 4), 4, 0.5)
     with pytest.raises(ValueError, match="attn must be"):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from _der_hf_models import images, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, tokens
 
-from der.attention import DERConfig, convert, inject
+from der.attention import BlockLayout, DERConfig, convert, inject, revert
 from der.attention import io as der_io
 from der.attention.conversion import summary
 
@@ -39,7 +39,7 @@ def test_zero_sparsity_equals_dense(name, mode):
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 def test_sparse_kernel_equals_masked_dense_reference(name):
     outs, lays = {}, {}
-    for backend in ("cpu", "dense"):
+    for backend in ("gather", "dense"):
         model, fwd, x, ref, h = _setup(name)
         calib = [{"input_ids": x}] if name == "bert" else [x]
         convert(model, sparsity=0.5, calib_inputs=calib, backend=backend)
@@ -49,18 +49,19 @@ def test_sparse_kernel_equals_masked_dense_reference(name):
         info = summary(h)
         assert all(v == pytest.approx(0.5, abs=0.1) for v in info["layout_sparsity"].values())
         assert info["dense_fallbacks"] == {}
-    torch.testing.assert_close(outs["cpu"], outs["dense"], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(outs["cpu"], ref, atol=1e-4)  # really sparse, not dense in disguise
+    torch.testing.assert_close(outs["gather"], outs["dense"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs["gather"], ref, atol=1e-4)  # really sparse, not dense in disguise
     causal = name != "bert"
-    for lay in lays["cpu"].values():
-        assert lay.shape == (4, 4, 4) and (not causal or not bool(lay.triu(1).any()))
+    for lay in lays["gather"].values():
+        assert isinstance(lay, BlockLayout) and lay.causal == causal and lay.seq_len == 64
+        assert lay.shape == (1, 4, 4, 4) and (not causal or not bool(lay.mask.triu(1).any()))
 
 
 def test_dynamic_layouts_are_per_input_and_gqa_expanded():
     model, fwd, x, ref, h = _setup("llama", mode="dynamic")
     convert(model, sparsity=0.5)
     seen = []
-    import der.attention.conversion as C
+    import der.attention._swap as C
 
     orig = C.block_sparse_attention
 
@@ -75,14 +76,14 @@ def test_dynamic_layouts_are_per_input_and_gqa_expanded():
     finally:
         C.block_sparse_attention = orig
     assert len(seen) == 2 and seen[0].shape == (2, 4, 4, 4)  # (B, H_query, nb, nb): routed by each query head
-    assert bool((seen[0].sum((-1, -2)) == 5).all())  # causal, nb = 4: round(0.5 · 10) blocks per head
+    assert bool((seen[0].mask.sum((-1, -2)) == 5).all())  # causal, nb = 4: round(0.5 · 10) blocks per head
     assert h.dense_fallbacks == {}
 
 
 def test_padding_runs_sparse_and_equals_masked_dense_on_real_tokens():
     am = None
     outs = {}
-    for backend in ("cpu", "dense"):
+    for backend in ("gather", "dense"):
         model, fwd, x, ref, h = _setup("bert")
         convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}], backend=backend)
         am = torch.ones_like(x)
@@ -91,15 +92,15 @@ def test_padding_runs_sparse_and_equals_masked_dense_on_real_tokens():
             outs[backend] = model(input_ids=x, attention_mask=am).last_hidden_state
         assert h.dense_fallbacks == {}  # key padding runs block-sparse, not dense
     real = am.bool()
-    torch.testing.assert_close(outs["cpu"][real], outs["dense"][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["gather"][real], outs["dense"][real], atol=1e-5, rtol=1e-5)
     h.remove()
     with torch.no_grad():
         dense = model(input_ids=x, attention_mask=am).last_hidden_state
-    assert not torch.allclose(outs["cpu"][real], dense[real], atol=1e-4)
+    assert not torch.allclose(outs["gather"][real], dense[real], atol=1e-4)
 
 
 def test_custom_mask_falls_back_loudly():
-    from der.attention.conversion import _key_padding
+    from der.attention._swap import _key_padding
 
     n = 8
     pad = torch.ones(2, 1, n, n, dtype=torch.bool)
@@ -159,7 +160,7 @@ def test_save_load_roundtrip(tmp_path, mode):
         torch.testing.assert_close(a, b)
     if mode == "static":
         for n, lay in h.converted.layouts.items():
-            assert torch.equal(lay, h2.converted.layouts[n])
+            assert lay == h2.converted.layouts[n]
     with torch.no_grad():
         torch.testing.assert_close(fwd(fresh, x), want)
     with pytest.raises(ValueError, match="do not match"):
@@ -168,19 +169,19 @@ def test_save_load_roundtrip(tmp_path, mode):
 
 def test_row_budget_convert_gives_uniform_rows_and_matches_reference():
     outs = {}
-    for backend in ("cpu", "dense"):
+    for backend in ("gather", "dense"):
         model, fwd, x, ref, h = _setup("bert", budget="row")
         convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}], backend=backend)
         with torch.no_grad():
             outs[backend] = fwd(model, x)
         for lay in h.converted.layouts.values():
-            assert bool((lay.sum(-1) == 2).all())  # nb = 4 blocks, 50%: 2 per query block
-    torch.testing.assert_close(outs["cpu"], outs["dense"], atol=1e-5, rtol=1e-5)
+            assert bool((lay.mask.sum(-1) == 2).all())  # nb = 4 blocks, 50%: 2 per query block
+    torch.testing.assert_close(outs["gather"], outs["dense"], atol=1e-5, rtol=1e-5)
 
 
 def _reference_attention_layouts(model, x, sparsity, causal, bs=16):
     """rule="attention" by hand: eager attention probabilities → mean block mass per query block → select."""
-    from der.attention.layouts import select_blocks
+    from der.attention.rules import select_blocks
 
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -205,12 +206,12 @@ def test_attention_rule_layouts_equal_reference_and_run_sparse(name):
     got = list(h.converted.layouts.values())
     assert len(got) == len(want) == 2
     for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape == (4, 4, 4) and torch.equal(g, w)
+        assert g.shape == (1, 4, 4, 4) and w.shape == (4, 4, 4) and torch.equal(g.mask[0], w)
     with torch.no_grad():
         out = fwd(model, x)
     assert h.dense_fallbacks == {} and torch.isfinite(out).all()
     assert not torch.allclose(out, ref, atol=1e-4)  # really sparse
-    h.converted.undo()
+    revert(model)
     with torch.no_grad():  # the calibration pass left the model dense and unchanged
         torch.testing.assert_close(fwd(model, x), ref)
 
@@ -219,7 +220,7 @@ def test_attention_rule_with_padding_ignores_padded_queries_and_roundtrips(tmp_p
     model, fwd, x, ref, h = _setup("bert")
     mask = torch.ones_like(x)
     mask[1, 40:] = 0
-    from der.attention.layouts import select_blocks
+    from der.attention.rules import select_blocks
 
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -232,14 +233,14 @@ def test_attention_rule_with_padding_ignores_padded_queries_and_roundtrips(tmp_p
     convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x, "attention_mask": mask}], rule="attention")
     lay = dict(h.converted.layouts)
     for v, wv in zip(lay.values(), want, strict=True):
-        assert torch.equal(v, wv) and bool(v.diagonal(dim1=-2, dim2=-1).all())
+        assert torch.equal(v.mask[0], wv) and bool(v.mask.diagonal(dim1=-2, dim2=-1).all())
     der_io.save(h, tmp_path / "der")
     h.remove()
     fresh = tiny_bert()
     h2 = der_io.load(fresh, tmp_path / "der")
     assert h2.converted.rule == "attention"
     for n, v in lay.items():
-        assert torch.equal(h2.converted.layouts[n], v)
+        assert h2.converted.layouts[n] == v
 
 
 def test_attention_rule_bad_arguments():
@@ -259,7 +260,7 @@ def test_attention_rule_bad_arguments():
 
 def test_attention_rule_chunking_does_not_change_layouts(monkeypatch):
     """Scores are formed a few heads at a time; one head per chunk gives the same layouts and outputs."""
-    import der.attention.conversion as conv
+    import der.attention._swap as conv
 
     res = []
     for chunk in (conv.COLLECT_CHUNK_BYTES, 1):
@@ -269,7 +270,7 @@ def test_attention_rule_chunking_does_not_change_layouts(monkeypatch):
         with torch.no_grad():
             res.append((dict(h.converted.layouts), fwd(model, x)))
     for n, lay in res[0][0].items():
-        assert torch.equal(lay, res[1][0][n])
+        assert lay == res[1][0][n]
     torch.testing.assert_close(res[0][1], res[1][1])
 
 
@@ -277,7 +278,7 @@ def test_collect_call_output_is_exact_attention():
     """What the model sees during rule="attention" calibration is exact (masked, causal, GQA) attention."""
     from types import SimpleNamespace
 
-    from der.attention.conversion import _collect_call
+    from der.attention._swap import _collect_call
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 40, 8, generator=g)
@@ -294,3 +295,60 @@ def test_collect_call_output_is_exact_attention():
         assert site.extra["attn_mass"].shape == (4, 3, 3)
         # each real query's row sums to one; the 10 queries at padded positions of sequence 1 carry no weight
         torch.testing.assert_close(site.extra["attn_mass"].sum((1, 2)), torch.full((4,), 70.0, dtype=torch.float64))
+
+
+def test_revert_then_convert_again_and_remove_after_revert():
+    """Regression: the one convert/revert pair owns the undo, so a reverted model converts again."""
+    model, fwd, x, ref, h = _setup("gpt2")
+    convert(model, sparsity=0.5, calib_inputs=[x])
+    with pytest.raises(ValueError, match=r"revert\(model\)"):
+        convert(model, sparsity=0.5, calib_inputs=[x])
+    with torch.no_grad():
+        sparse = fwd(model, x)
+    revert(model)
+    assert h.converted is None and h.regularize and not h.keep_keys
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(model, x), ref)
+    with pytest.raises(ValueError, match="not converted"):
+        revert(model)
+    convert(model, sparsity=0.5, calib_inputs=[x])
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(model, x), sparse)
+    h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(model, x), ref)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_handle_state_dict_round_trips_conversion_and_steps(tmp_path, mode):
+    model, fwd, x, ref, h = _setup("gpt2", mode=mode)
+    model(x)
+    for _ in range(3):
+        h.step()
+    convert(model, sparsity=0.5, calib_inputs=[x], rule="anchors")
+    with torch.no_grad():
+        want = fwd(model, x)
+    torch.save({"model": model.state_dict(), "der": h.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh = tiny_gpt2()
+    h2 = inject(fresh, DERConfig(seq_len=64, block_size=16, mode=mode))
+    fresh.load_state_dict(ckpt["model"])
+    h2.load_state_dict(ckpt["der"])  # no calibration: layouts come from the state
+    assert h2.steps == 3 and h2.converted.mode == mode and h2.converted.rule == "anchors"
+    for n, lay in h.converted.layouts.items():
+        assert lay == h2.converted.layouts[n]
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(fresh, x), want)
+    conv_state = h.state_dict()
+    revert(model)
+    h2.load_state_dict(h.state_dict())  # a state saved before conversion reverts the model
+    assert h2.converted is None and h2.steps == 3
+    h2.load_state_dict(conv_state)
+    assert h2.converted is not None
+    assert "converted=" in repr(h2) and len(repr(h2.converted)) < 200
+    with pytest.raises(ValueError, match="DER handle state"):
+        h2.load_state_dict({"steps": 1})
+    bad = h.state_dict()
+    bad["converted"] = conv_state["converted"] | {"layouts": {"nope": {}}} if mode == "static" else {"format": "x"}
+    with pytest.raises(ValueError):
+        h2.load_state_dict(bad)

@@ -10,7 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from der.attention import kernels
-from der.attention.kernels import block_sparse_attention, expand_layout
+from der.attention.kernels import block_sparse_attention
+from der.attention.layout import BlockLayout
+
+
+def bsa(q, k, v, lay, bs, causal=False, **kw):
+    """``block_sparse_attention`` on a bare block mask (wrapped for ``q``'s N)."""
+    if not isinstance(lay, BlockLayout):
+        lay = BlockLayout.from_mask(lay, bs, q.shape[-2], causal)
+    return block_sparse_attention(q, k, v, lay, **kw)
+
+
+def expand_layout(layout, bs, n, causal=False):
+    return BlockLayout.from_mask(layout, bs, n, causal).to_dense()
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +60,7 @@ def _naive(q, k, v, layout, bs, causal, scale=None, kpm=None):
 
 
 def _fwd_bwd(backend, q, k, v, lay, bs, causal, scale=None):
-    out = block_sparse_attention(q, k, v, lay, bs, causal=causal, backend=backend, scale=scale)
+    out = bsa(q, k, v, lay, bs, causal=causal, backend=backend, scale=scale)
     w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     grads = torch.autograd.grad((out * w).sum(), (q, k, v))
     return out, grads
@@ -69,7 +81,7 @@ def test_cpu_and_dense_match_naive_float64(B, Bl, H, N, Dh, bs, causal):
     ref = _naive(q, k, v, lay, bs, causal)
     ref_g = torch.autograd.grad((ref * torch.linspace(-1, 1, ref.numel(), dtype=ref.dtype).view_as(ref)).sum(),
                                 (q, k, v))
-    for backend in ("cpu", "dense"):
+    for backend in ("gather", "dense"):
         out, grads = _fwd_bwd(backend, q, k, v, lay, bs, causal)
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
         for g, r in zip(grads, ref_g, strict=True):
@@ -81,7 +93,7 @@ def test_cpu_matches_dense_sdpa_float32_1e5(causal):
     B, H, N, Dh, bs = 2, 4, 320, 32, 64
     q, k, v = _inputs(B, H, N, Dh, torch.float32, seed=1)
     lay = _layout(1, H, 5, 0.3, seed=1)
-    o1, g1 = _fwd_bwd("cpu", q, k, v, lay, bs, causal)
+    o1, g1 = _fwd_bwd("gather", q, k, v, lay, bs, causal)
     o2, g2 = _fwd_bwd("dense", q, k, v, lay, bs, causal)
     assert (o1 - o2).abs().max() < 1e-5
     for a, b in zip(g1, g2, strict=True):
@@ -92,30 +104,31 @@ def test_empty_rows_are_zero_with_zero_grad():
     q, k, v = _inputs(1, 2, 96, 8)
     lay = torch.ones(1, 2, 3, 3, dtype=torch.bool)
     lay[0, 1, 1] = False  # head 1, query block 1 attends to nothing
-    out, (gq, _, _) = _fwd_bwd("cpu", q, k, v, lay, 32, False)
+    out, (gq, _, _) = _fwd_bwd("gather", q, k, v, lay, 32, False)
     assert torch.all(out[0, 1, 32:64] == 0) and torch.all(gq[0, 1, 32:64] == 0)
     assert torch.isfinite(out).all() and out[0, 0].abs().sum() > 0
     # causal: a row whose only kept block lies in the future is empty too
     lay2 = torch.zeros(1, 2, 3, 3, dtype=torch.bool)
     lay2[..., 0, 2] = True
     lay2[..., 1:, 0] = True
-    out2 = block_sparse_attention(q, k, v, lay2, 32, causal=True)
+    out2 = bsa(q, k, v, lay2, 32, causal=True)
     assert torch.all(out2[:, :, :32] == 0)
-    torch.testing.assert_close(out2, block_sparse_attention(q, k, v, lay2, 32, causal=True, backend="dense"))
+    torch.testing.assert_close(out2, bsa(q, k, v, lay2, 32, causal=True, backend="dense"))
 
 
 def test_gradcheck_custom_backward():
     q, k, v = _inputs(1, 2, 20, 3)
-    lay = _layout(1, 2, 3, 0.6, seed=3)
+    mask = _layout(1, 2, 3, 0.6, seed=3)
     for causal in (False, True):
+        lay = BlockLayout.from_mask(mask, 8, 20, causal)  # one layout: its plan is built once
         assert torch.autograd.gradcheck(
-            lambda a, b, c, causal=causal: block_sparse_attention(a, b, c, lay, 8, causal=causal,
-                                                                   backend="cpu", scale=0.7),
+            lambda a, b, c, lay=lay: block_sparse_attention(a, b, c, lay, backend="gather", scale=0.7),
             (q, k, v), atol=1e-6)
     kpm = torch.ones(1, 20, dtype=torch.bool)
     kpm[0, :16] = False  # head 1, query block 0 keeps only key block 1 → dead rows in the gradcheck too
+    lay = BlockLayout.from_mask(mask, 8, 20)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: block_sparse_attention(a, b, c, lay, 8, backend="cpu", key_padding_mask=kpm),
+        lambda a, b, c: block_sparse_attention(a, b, c, lay, backend="gather", key_padding_mask=kpm),
         (q, k, v), atol=1e-6)
 
 
@@ -127,23 +140,23 @@ def test_property_cpu_equals_reference(n, bs, density, causal, seed):
         n = bs
     q, k, v = _inputs(1, 2, n, 4, seed=seed)
     lay = _layout(1, 2, math.ceil(n / bs), density, seed=seed, empty_row=False)
-    out = block_sparse_attention(q, k, v, lay, bs, causal=causal, backend="cpu")
+    out = bsa(q, k, v, lay, bs, causal=causal, backend="gather")
     torch.testing.assert_close(out, _naive(q, k, v, lay, bs, causal), atol=1e-10, rtol=1e-9)
     # invariant: a full layout is exactly dense attention
     full = torch.ones_like(lay)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    torch.testing.assert_close(block_sparse_attention(q, k, v, full, bs, causal=causal), dense)
+    torch.testing.assert_close(bsa(q, k, v, full, bs, causal=causal), dense)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(dtype):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in _inputs(1, 2, 64, 16, torch.float32))
     lay = _layout(1, 2, 4, 0.5, empty_row=False)
-    out = block_sparse_attention(q, k, v, lay, 16)
+    out = bsa(q, k, v, lay, 16)
     assert out.dtype == dtype
     out.float().sum().backward()
     assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
-    ref = block_sparse_attention(q.float(), k.float(), v.float(), lay, 16, backend="dense")
+    ref = bsa(q.float(), k.float(), v.float(), lay, 16, backend="dense")
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
@@ -151,8 +164,8 @@ def test_flex_eager_matches_dense_cpu():
     q, k, v = (t.detach().float() for t in _inputs(2, 2, 200, 16))
     lay = _layout(2, 2, 7, 0.4)
     for causal in (False, True):
-        out = kernels._flex(q, k, v, lay, 32, causal, 0.25, compiled=False)
-        ref = block_sparse_attention(q, k, v, lay, 32, causal=causal, backend="dense", scale=0.25)
+        out = kernels._flex(q, k, v, BlockLayout(lay, 32, 200, causal), 0.25, compiled=False)
+        ref = bsa(q, k, v, lay, 32, causal=causal, backend="dense", scale=0.25)
         assert (out - ref).abs().max() < 1e-5
 
 
@@ -160,8 +173,8 @@ def test_flex_eager_matches_dense_cpu():
 def test_flex_compiled_matches_dense_cpu():
     q, k, v = (t.detach().float() for t in _inputs(1, 2, 200, 16))
     lay = _layout(1, 2, 4, 0.5)
-    out = block_sparse_attention(q, k, v, lay, 64, backend="flex")
-    ref = block_sparse_attention(q, k, v, lay, 64, backend="dense")
+    out = bsa(q, k, v, lay, 64, backend="flex")
+    ref = bsa(q, k, v, lay, 64, backend="dense")
     assert (out - ref).abs().max() < 1e-5
 
 
@@ -169,67 +182,87 @@ def test_flex_cpu_training_raises_and_auto_trains():
     q, k, v = (t.detach().float().requires_grad_() for t in _inputs(1, 2, 64, 8))
     lay = _layout(1, 2, 2, 1.0, empty_row=False)
     with pytest.raises(ValueError, match="no CPU backward"):
-        block_sparse_attention(q, k, v, lay, 32, backend="flex")
-    block_sparse_attention(q, k, v, lay, 32, backend="auto").sum().backward()
+        bsa(q, k, v, lay, 32, backend="flex")
+    bsa(q, k, v, lay, 32, backend="auto").sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-def test_plan_cache_reused_across_calls_and_batch_sizes():
-    lay = _layout(1, 2, 3, 0.5)
-    kernels._INDEX_CACHE.clear()
+def test_plan_cached_on_the_layout_across_calls_and_batch_sizes():
+    lay = BlockLayout.from_mask(_layout(1, 2, 3, 0.5), 32, 96)
+    plans = set()
     for B in (1, 3, 1):
         q = torch.randn(B, 2, 96, 8)
-        block_sparse_attention(q, q, q, lay, 32)
-    assert len(kernels._INDEX_CACHE) == 1
-    q = torch.randn(1, 2, 90, 8)  # different N → new plan
-    block_sparse_attention(q, q, q, lay, 32)
-    assert len(kernels._INDEX_CACHE) == 2
+        block_sparse_attention(q, q, q, lay)
+        plans.add(id(lay.derived("gather_plan", lambda: None)))
+    assert len(plans) == 1
+    short = lay.resize(90)  # another N: another (cached) layout with its own plan
+    q = torch.randn(1, 2, 90, 8)
+    block_sparse_attention(q, q, q, short)
+    assert lay.resize(90) is short and short.derived("gather_plan", lambda: None) is not None
+    assert lay.derived("gather_plan", lambda: None) is not short.derived("gather_plan", lambda: None)
 
 
 def test_layout_edited_in_place_gets_a_new_plan():
-    """The per-tensor memo of the layout key follows in-place edits (also through a view) and object ids."""
+    """The layout's derived cache follows in-place edits of its mask (also through a view)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 96, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    lay = _layout(1, 2, 3, 0.6, empty_row=False)
+    mask = _layout(1, 2, 3, 0.6, empty_row=False)
+    lay = BlockLayout.from_mask(mask, 32, 96)
     for edit in (lambda t: t[0, 0].fill_(True), lambda t: t[0, 1, 1].logical_not_()):
-        block_sparse_attention(q, k, v, lay, 32)
-        edit(lay[0:1])  # in place, through a view
-        ref = block_sparse_attention(q, k, v, lay, 32, backend="dense")
-        torch.testing.assert_close(block_sparse_attention(q, k, v, lay, 32), ref, rtol=1e-10, atol=1e-10)
-    for seed in range(4):  # fresh tensors (ids may be reused) with other contents
-        lay = _layout(1, 2, 3, 0.5, seed=seed)
-        ref = block_sparse_attention(q, k, v, lay, 32, backend="dense")
-        torch.testing.assert_close(block_sparse_attention(q, k, v, lay, 32), ref, rtol=1e-10, atol=1e-10)
+        block_sparse_attention(q, k, v, lay)
+        edit(mask[0:1])  # in place, through a view
+        ref = block_sparse_attention(q, k, v, lay, backend="dense")
+        torch.testing.assert_close(block_sparse_attention(q, k, v, lay), ref, rtol=1e-10, atol=1e-10)
+    for seed in range(4):  # fresh layouts with other contents
+        lay = BlockLayout.from_mask(_layout(1, 2, 3, 0.5, seed=seed), 32, 96)
+        ref = block_sparse_attention(q, k, v, lay, backend="dense")
+        torch.testing.assert_close(block_sparse_attention(q, k, v, lay), ref, rtol=1e-10, atol=1e-10)
         del lay
-    with torch.inference_mode():  # no version counter: never memoised
-        lay = _layout(1, 2, 3, 0.5, empty_row=False)
-        block_sparse_attention(q, k, v, lay, 32)
-        lay[0, 0].fill_(True)
-        ref = block_sparse_attention(q, k, v, lay, 32, backend="dense")
-        torch.testing.assert_close(block_sparse_attention(q, k, v, lay, 32), ref, rtol=1e-10, atol=1e-10)
+    with torch.inference_mode():  # no version counter: never cached
+        mask = _layout(1, 2, 3, 0.5, empty_row=False)
+        lay = BlockLayout.from_mask(mask, 32, 96)
+        block_sparse_attention(q, k, v, lay)
+        mask[0, 0].fill_(True)
+        ref = block_sparse_attention(q, k, v, lay, backend="dense")
+        torch.testing.assert_close(block_sparse_attention(q, k, v, lay), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bare_tensor_layout_is_a_clear_type_error_and_cpu_alias_warns():
+    q = torch.randn(1, 2, 64, 8)
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool)
+    with pytest.raises(TypeError, match="BlockLayout.from_mask"):
+        block_sparse_attention(q, q, q, mask)
+    lay = BlockLayout.from_mask(mask, 32)
+    with pytest.warns(DeprecationWarning, match="gather"):
+        out = block_sparse_attention(q, q, q, lay, backend="cpu")
+    torch.testing.assert_close(out, block_sparse_attention(q, q, q, lay, backend="gather"))
 
 
 def test_bad_inputs():
     q = torch.randn(1, 2, 64, 8)
     lay = torch.ones(1, 2, 2, 2, dtype=torch.bool)
-    with pytest.raises(ValueError, match="layout must be"):
-        block_sparse_attention(q, q, q, torch.ones(1, 2, 3, 3, dtype=torch.bool), 32)
-    with pytest.raises(ValueError, match="layout must be"):
-        block_sparse_attention(q, q, q, torch.ones(2, 2, 2, 2, dtype=torch.bool), 32)
-    with pytest.raises(ValueError, match="bool"):
-        block_sparse_attention(q, q, q, lay.float(), 32)
+    with pytest.raises(ValueError, match="needs ceil"):
+        bsa(q, q, q, torch.ones(1, 2, 3, 3, dtype=torch.bool), 32)
+    with pytest.raises(ValueError, match="layout must have 1 or B=1"):
+        bsa(q, q, q, torch.ones(2, 2, 2, 2, dtype=torch.bool), 32)
+    with pytest.raises(ValueError, match="H=2 heads"):
+        bsa(q, q, q, torch.ones(1, 3, 2, 2, dtype=torch.bool), 32)
+    with pytest.raises(ValueError, match="seq_len=128"):
+        block_sparse_attention(q, q, q, BlockLayout(torch.ones(1, 2, 2, 2, dtype=torch.bool), 64, 128))
+    with pytest.raises(TypeError, match="bool"):
+        bsa(q, q, q, lay.float(), 32)
     with pytest.raises(ValueError, match="one dtype"):
-        block_sparse_attention(q, q.double(), q, lay, 32)
+        bsa(q, q.double(), q, lay, 32)
     with pytest.raises(ValueError, match="one device"):
-        block_sparse_attention(q, q, q, lay.to("meta"), 32)
+        bsa(q, q, q, lay.to("meta"), 32)
     with pytest.raises(ValueError, match="smaller than one block"):
-        block_sparse_attention(q[:, :, :16], q[:, :, :16], q[:, :, :16], lay[..., :1, :1], 32)
+        bsa(q[:, :, :16], q[:, :, :16], q[:, :, :16], lay[..., :1, :1], 32)
     with pytest.raises(ValueError, match="backend"):
-        block_sparse_attention(q, q, q, lay, 32, backend="triton")
+        bsa(q, q, q, lay, 32, backend="triton")
     with pytest.raises(ValueError, match="same shape"):
-        block_sparse_attention(q, q[:, :1], q, lay, 32)
+        bsa(q, q[:, :1], q, lay, 32)
     with pytest.raises(ValueError, match=r"\(B, H, N, Dh\)"):
-        block_sparse_attention(q[0], q[0], q[0], lay, 32)
+        bsa(q[0], q[0], q[0], lay, 32)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -243,19 +276,19 @@ def test_key_padding_mask_matches_reference(causal):
     w = torch.randn(B, H, N, Dh, dtype=torch.float64)
     ref = _naive(q, k, v, lay, bs, causal, kpm=kpm)
     ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    for backend in ("cpu", "dense", "auto"):
-        out = block_sparse_attention(q, k, v, lay, bs, causal=causal, backend=backend, key_padding_mask=kpm)
+    for backend in ("gather", "dense", "auto"):
+        out = bsa(q, k, v, lay, bs, causal=causal, backend=backend, key_padding_mask=kpm)
         grads = torch.autograd.grad((out * w).sum(), (q, k, v))
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
         for g, r in zip(grads, ref_g, strict=True):
             torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
     with pytest.raises(ValueError, match="flex"):
-        block_sparse_attention(q, k, v, lay, bs, backend="flex", key_padding_mask=kpm)
+        bsa(q, k, v, lay, bs, backend="flex", key_padding_mask=kpm)
     with pytest.raises(ValueError, match="key_padding_mask must be"):
-        block_sparse_attention(q, k, v, lay, bs, key_padding_mask=kpm.float())
+        bsa(q, k, v, lay, bs, key_padding_mask=kpm.float())
     with pytest.raises(ValueError, match="key_padding_mask must be"):
-        block_sparse_attention(q, k, v, lay, bs, key_padding_mask=kpm[:, :50])
+        bsa(q, k, v, lay, bs, key_padding_mask=kpm[:, :50])
 
 
 @pytest.mark.gpu
@@ -290,20 +323,20 @@ def test_runs_of_identical_rows_and_uneven_rows_match_reference(causal):
     for layout in (lay, lay[:, :1].expand_as(lay).clone()):  # mixed heads; every head merged into runs
         ref = _naive(q, k, v, layout, bs, causal, kpm=kpm)
         ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
-        out = block_sparse_attention(q, k, v, layout, bs, causal=causal, backend="cpu", key_padding_mask=kpm)
+        out = bsa(q, k, v, layout, bs, causal=causal, backend="gather", key_padding_mask=kpm)
         grads = torch.autograd.grad((out * w).sum(), (q, k, v))
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
         for g, r in zip(grads, ref_g, strict=True):
             torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
-    plan = kernels._cpu_kernel.make_plan(lay[:, :1], bs, N, causal)  # head 0 alone: merges pay off
-    assert max(b.m for b in plan.buckets) == kernels._cpu_kernel.MAX_RUN
+    plan = kernels._gather.make_plan(lay[:, :1], bs, N, causal)  # head 0 alone: merges pay off
+    assert max(b.m for b in plan.buckets) == kernels._gather.MAX_RUN
     assert all(b.m == 1 for b in plan.buckets if b.tail == 1)  # causal diagonal rows are never merged
 
 
 @pytest.mark.parametrize("keep_bytes", [0, 1 << 40])
 def test_backward_recompute_and_kept_probabilities_agree(monkeypatch, keep_bytes):
     """Backward with probabilities recomputed (large problems) and kept from forward (small ones)."""
-    monkeypatch.setattr(kernels._cpu_kernel, "KEEP_P_BYTES", keep_bytes)
+    monkeypatch.setattr(kernels._gather, "KEEP_P_BYTES", keep_bytes)
     for causal in (False, True):
         test_runs_of_identical_rows_and_uneven_rows_match_reference(causal)
         test_cpu_and_dense_match_naive_float64(2, 2, 2, 200, 16, 32, causal)

@@ -9,11 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from der.attention.kernels import block_sparse_attention
+from der.attention.layout import BlockLayout
 from der.attention.metrics import (
     attention_sparsity,
-    block_density,
     block_sparse_attention_flops,
-    block_sparsity,
     dense_attention_flops,
     mean_block_length,
     median_latency,
@@ -33,11 +32,13 @@ def test_attention_sparsity_threshold_and_mask():
 
 
 def test_block_sparsity_and_causal():
-    lay = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
-    assert block_sparsity(lay) == pytest.approx(4 / 9)
-    assert block_density(lay, causal=True) == pytest.approx(5 / 6)
-    with pytest.raises(ValueError, match="bool"):
-        block_sparsity(lay.float())
+    lay = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)[None]
+    assert BlockLayout(lay, 4).sparsity() == pytest.approx(4 / 9)
+    assert BlockLayout(lay, 4, causal=True).density() == pytest.approx(5 / 6)
+    with pytest.raises(TypeError, match="bool"):
+        BlockLayout(lay.float(), 4)
+    with pytest.raises(TypeError, match="from_mask"):
+        mean_block_length(lay)
 
 
 def _runs_naive(lay: torch.Tensor) -> float:
@@ -53,9 +54,9 @@ def _runs_naive(lay: torch.Tensor) -> float:
 
 def test_mean_block_length_examples():
     lay = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    assert mean_block_length(lay) == pytest.approx(9 / 4)  # runs: 3, 1, 1, 4
+    assert mean_block_length(BlockLayout(lay[None], 2)) == pytest.approx(9 / 4)  # runs: 3, 1, 1, 4
     with pytest.raises(ValueError, match="no block"):
-        mean_block_length(torch.zeros(2, 2, dtype=torch.bool))
+        mean_block_length(BlockLayout(torch.zeros(1, 2, 2, dtype=torch.bool), 2))
 
 
 @settings(max_examples=30, deadline=None)
@@ -63,7 +64,7 @@ def test_mean_block_length_examples():
 def test_mean_block_length_matches_naive(nb, p, seed):
     lay = torch.rand(2, nb, nb, generator=torch.Generator().manual_seed(seed)) < p
     lay[0, 0, 0] = True
-    assert mean_block_length(lay) == pytest.approx(_runs_naive(lay))
+    assert mean_block_length(BlockLayout(lay, 4)) == pytest.approx(_runs_naive(lay))
 
 
 def test_flops_formula():
@@ -71,13 +72,14 @@ def test_flops_formula():
     fwd = dense_attention_flops(B, H, N, D)
     assert fwd == 4 * B * H * N * N * D
     assert dense_attention_flops(B, H, N, D, backward=True) == 3 * fwd
-    lay = torch.zeros(1, H, 4, 4, dtype=torch.bool)
-    lay[..., :1] = True  # density 1/4
-    assert block_sparse_attention_flops(B, H, N, D, lay) == fwd // 4
+    mask = torch.zeros(1, H, 4, 4, dtype=torch.bool)
+    mask[..., :1] = True  # density 1/4
+    lay = BlockLayout(mask, 64, N)
+    assert block_sparse_attention_flops(lay, D, batch=B) == fwd // 4
     # the gather path really does ~ρ of the dense matmul work: count its bmm FLOPs
     q = torch.randn(B, H, N, D)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
-        block_sparse_attention(q, q, q, lay, 64, backend="cpu")
+        block_sparse_attention(q, q, q, lay, backend="gather")
     assert fc.get_total_flops() == fwd // 4
 
 
@@ -90,7 +92,7 @@ def test_model_flops_scales_only_attention():
         return F.scaled_dot_product_attention(q, q, q)
 
     full = model_flops(fn)
-    quarter = model_flops(fn, density=0.25)
+    quarter = model_flops(fn, sparsity=0.75)
     assert full["attention_dense"] == 4 * 2 * 32 * 32 * 8
     assert full["other"] == quarter["other"] == 2 * 32 * 16 * 16
     assert quarter["total"] == pytest.approx(full["other"] + 0.25 * full["attention_dense"])

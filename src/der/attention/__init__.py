@@ -1,7 +1,19 @@
 """DER for transformers: inject into existing models, regularize keys, convert to block-sparse attention.
 
 Lifecycle (as in torch.ao pruning): ``inject`` (attach anchors) → train with ``handle.loss()`` →
-``convert`` (freeze per-head block layouts, swap in a block-sparse kernel) → save/load.
+``convert`` (freeze per-head :class:`BlockLayout` s, swap in a block-sparse kernel) → ``revert`` or
+save/load (``der.attention.io``; ``handle.state_dict()`` for checkpoints).
+
+Index of the public names (modules in parentheses):
+
+* setup and surgery — ``DERConfig`` (config), ``inject``, ``list_matches``, ``get_handle``, ``DERHandle``
+  (injection), ``convert``, ``revert``, ``summary`` (conversion);
+* layouts — ``BlockLayout``, ``block_mass`` (layout); ``static_layout``, ``dynamic_layout``,
+  ``select_blocks`` (rules); baselines ``dense_layout``, ``magnitude_layout``, ``bigbird_layout``,
+  ``longformer_layout``, ``topb_mask``, ``KMeansRouter``, ``l1_attention_penalty`` (baselines);
+* kernel — ``block_sparse_attention`` (kernels);
+* metrics — ``attention_sparsity``, ``mean_block_length``, ``block_sparse_attention_flops``,
+  ``model_flops``, ``median_latency``, ``peak_memory`` (metrics).
 """
 
 from der._lazy import lazy_getattr
@@ -10,9 +22,16 @@ _TABLE = {
     "DERConfig": ".config",
     "inject": ".injection",
     "list_matches": ".injection",
+    "get_handle": ".injection",
+    "DERHandle": ".injection",
     "convert": ".conversion",
     "revert": ".conversion",
-    "DERHandle": ".injection",
+    "summary": ".conversion",
+    "BlockLayout": ".layout",
+    "block_mass": ".layout",
+    "static_layout": ".rules",
+    "dynamic_layout": ".rules",
+    "select_blocks": ".rules",
     "block_sparse_attention": ".kernels",
     "dense_layout": ".baselines",
     "magnitude_layout": ".baselines",
@@ -20,9 +39,8 @@ _TABLE = {
     "longformer_layout": ".baselines",
     "KMeansRouter": ".baselines",
     "l1_attention_penalty": ".baselines",
-    "topb_layout": ".baselines",
+    "topb_mask": ".baselines",
     "attention_sparsity": ".metrics",
-    "block_sparsity": ".metrics",
     "mean_block_length": ".metrics",
     "block_sparse_attention_flops": ".metrics",
     "model_flops": ".metrics",

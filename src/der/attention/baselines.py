@@ -1,8 +1,9 @@
 r"""Baseline block layouts at equal block sparsity (Table 4 "same b"), all usable with the same kernel.
 
-Every layout builder keeps exactly ``b = max(1, round(density * n_blocks))`` key blocks in **every**
+Every layout builder keeps exactly ``b = max(1, round((1 - sparsity) * n_blocks))`` key blocks in **every**
 query-block row, so all methods have the same block sparsity ``1 - b / n_blocks`` and rows of equal length
-(the kernel pads nothing). Layouts are bool ``(B or 1, H, n_blocks, n_blocks)``, ``True`` = keep.
+(the kernel pads nothing). Builders return a :class:`~der.attention.layout.BlockLayout` (mask
+``(B or 1, H, n_blocks, n_blocks)``, ``True`` = keep); :func:`topb_mask` is the bare selection on scores.
 
 * :func:`dense_layout` — everything kept.
 * :func:`magnitude_layout` — top-``b`` key blocks by attention mass of a dense forward (magnitude pruning).
@@ -25,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from der.attention.layout import BlockLayout, block_mass, num_blocks
+
 __all__ = [
     "blocks_per_row",
     "dense_layout",
-    "topb_layout",
-    "block_scores",
+    "topb_mask",
     "magnitude_layout",
     "bigbird_layout",
     "longformer_layout",
@@ -42,13 +44,13 @@ __all__ = [
 L1_LAMBDA_GRID = (0.01, 0.03, 0.1, 0.3)
 
 
-def blocks_per_row(n_blocks: int, density: float) -> int:
-    """Kept key blocks per query-block row, ``b = max(1, round(density · n_blocks))``."""
+def blocks_per_row(n_blocks: int, sparsity: float) -> int:
+    """Kept key blocks per query-block row, ``b = max(1, round((1 - sparsity) · n_blocks))``."""
     if not isinstance(n_blocks, int) or n_blocks < 1:
         raise ValueError(f"n_blocks must be a positive int, got {n_blocks!r}")
-    if not 0.0 <= float(density) <= 1.0:
-        raise ValueError(f"density (kept-block fraction) must be in [0, 1], got {density!r}")
-    return max(1, min(n_blocks, round(float(density) * n_blocks)))
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity (dropped-block fraction) must be in [0, 1], got {sparsity!r}")
+    return max(1, min(n_blocks, round((1.0 - float(sparsity)) * n_blocks)))
 
 
 def _check_heads(heads: int) -> None:
@@ -56,15 +58,15 @@ def _check_heads(heads: int) -> None:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
 
 
-def dense_layout(n_blocks: int, heads: int, batch: int = 1) -> torch.Tensor:
-    """All blocks kept: ``(batch, heads, n_blocks, n_blocks)`` of ``True``."""
+def dense_layout(seq_len: int, block_size: int, heads: int, batch: int = 1, causal: bool = False) -> BlockLayout:
+    """All blocks kept: ``(batch, heads, nb, nb)`` of ``True`` for ``seq_len`` tokens."""
     _check_heads(heads)
-    blocks_per_row(n_blocks, 1.0)
-    return torch.ones(batch, heads, n_blocks, n_blocks, dtype=torch.bool)
+    nb = num_blocks(seq_len, block_size)
+    return BlockLayout(torch.ones(batch, heads, nb, nb, dtype=torch.bool), block_size, seq_len, causal)
 
 
-def topb_layout(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``b`` highest-scoring key blocks of every row of ``scores: (..., nb, nb)``.
+def topb_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask keeping the ``b`` highest-scoring key blocks of every row of ``scores: (..., nb, nb)``.
 
     Ties are broken towards the diagonal (a tiny ``-|i-j|`` bias far below any real score difference).
     """
@@ -73,7 +75,7 @@ def topb_layout(scores: torch.Tensor, density: float) -> torch.Tensor:
         raise ValueError(f"scores must be (..., nb, nb), got {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or inf")
-    b = blocks_per_row(nb, density)
+    b = blocks_per_row(nb, sparsity)
     ar = torch.arange(nb, device=scores.device, dtype=torch.float64)
     scale = scores.detach().abs().amax().clamp_min(1e-30).double()
     tie = -(ar[:, None] - ar[None, :]).abs() * (scale * 1e-9 / nb)
@@ -81,20 +83,10 @@ def topb_layout(scores: torch.Tensor, density: float) -> torch.Tensor:
     return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, idx, True)
 
 
-def block_scores(attn: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Attention mass per (query block, key block): ``attn: (..., N, N)`` → ``(..., nb, nb)`` (block sums)."""
-    if attn.dim() < 2 or attn.shape[-1] != attn.shape[-2]:
-        raise ValueError(f"attn must be (..., N, N), got {tuple(attn.shape)}")
-    n = attn.shape[-1]
-    nb = math.ceil(n / block_size)
-    pad = nb * block_size - n
-    a = F.pad(attn.detach().abs(), (0, pad, 0, pad))
-    return a.reshape(*attn.shape[:-2], nb, block_size, nb, block_size).sum((-3, -1))
-
-
-def magnitude_layout(attn: torch.Tensor, block_size: int, density: float, per_input: bool = True
-                     ) -> torch.Tensor:
-    """Magnitude top-``b``: keep each row's ``b`` key blocks with the largest dense attention mass.
+def magnitude_layout(attn: torch.Tensor, block_size: int, sparsity: float, per_input: bool = True,
+                     causal: bool = False) -> BlockLayout:
+    """Magnitude top-``b``: keep each row's ``b`` key blocks with the largest dense attention mass
+    (:func:`~der.attention.layout.block_mass` of ``|attn|``).
 
     Args:
         attn: dense attention probabilities ``(B, H, N, N)`` (or ``(H, N, N)``).
@@ -103,12 +95,12 @@ def magnitude_layout(attn: torch.Tensor, block_size: int, density: float, per_in
     """
     if attn.dim() == 3:
         attn = attn[None]
-    if attn.dim() != 4:
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attn must be (B, H, N, N) or (H, N, N), got {tuple(attn.shape)}")
-    s = block_scores(attn, block_size)
+    s = block_mass(attn.detach().abs(), block_size)
     if not per_input:
         s = s.sum(0, keepdim=True)
-    return topb_layout(s, density)
+    return BlockLayout(topb_mask(s, sparsity), block_size, attn.shape[-1], causal)
 
 
 def _band_order(nb: int) -> torch.Tensor:
@@ -118,11 +110,11 @@ def _band_order(nb: int) -> torch.Tensor:
     return dist.argsort(-1)
 
 
-def _structured_layout(n_blocks: int, heads: int, density: float, num_global: int, num_random: int,
+def _structured_layout(n_blocks: int, heads: int, sparsity: float, num_global: int, num_random: int,
                        seed: int) -> torch.Tensor:
     """Per row: ``num_global`` global key blocks, then ``num_random`` random blocks, rest nearest-window."""
     _check_heads(heads)
-    b = blocks_per_row(n_blocks, density)
+    b = blocks_per_row(n_blocks, sparsity)
     if num_global < 0 or num_random < 0:
         raise ValueError(f"num_global and num_random must be >= 0, got {num_global}, {num_random}")
     g = min(num_global, b)
@@ -142,22 +134,27 @@ def _structured_layout(n_blocks: int, heads: int, density: float, num_global: in
     return lay
 
 
-def longformer_layout(n_blocks: int, heads: int, density: float, num_global: int = 1) -> torch.Tensor:
+def longformer_layout(seq_len: int, block_size: int, heads: int, sparsity: float, num_global: int = 1,
+                      causal: bool = False) -> BlockLayout:
     """Longformer: ``num_global`` global key blocks + a sliding window filling the row budget ``b``."""
-    return _structured_layout(n_blocks, heads, density, num_global, 0, seed=0)
+    nb = num_blocks(seq_len, block_size)
+    mask = _structured_layout(nb, heads, sparsity, num_global, 0, seed=0)
+    return BlockLayout(mask, block_size, seq_len, causal)
 
 
-def bigbird_layout(n_blocks: int, heads: int, density: float, seed: int = 0, num_global: int = 1,
-                   num_random: int | None = None) -> torch.Tensor:
+def bigbird_layout(seq_len: int, block_size: int, heads: int, sparsity: float, seed: int = 0,
+                   num_global: int = 1, num_random: int | None = None, causal: bool = False) -> BlockLayout:
     """BigBird: global key blocks + window + random blocks (per head, seeded), ``b`` per row.
 
-    ``num_random`` defaults to a third of the non-global budget (BigBird-ITC uses 3 window + 2 random +
-    2 global blocks of 7 at 64-token blocks; a third keeps the same flavour at any budget).
+    ``num_random`` defaults to a third of the non-global budget (BigBird-ITC's 3 window + 2 random +
+    2 global blocks of 7 has the same flavour).
     """
-    b = blocks_per_row(n_blocks, density)
+    nb = num_blocks(seq_len, block_size)
+    b = blocks_per_row(nb, sparsity)
     if num_random is None:
         num_random = max(0, b - min(num_global, b)) // 3
-    return _structured_layout(n_blocks, heads, density, num_global, num_random, seed)
+    mask = _structured_layout(nb, heads, sparsity, num_global, num_random, seed)
+    return BlockLayout(mask, block_size, seq_len, causal)
 
 
 class KMeansRouter(nn.Module):
@@ -218,7 +215,8 @@ class KMeansRouter(nn.Module):
         mixed = self.decay * self.centroids.float() + (1 - self.decay) * new
         self.centroids.copy_(F.normalize(mixed, dim=-1).to(self.centroids.dtype))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, block_size: int, density: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, block_size: int, sparsity: float,
+                causal: bool = False) -> BlockLayout:
         """Per-input layout ``(B, H, nb, nb)`` from ``q, k: (B, H, N, Dh)``; EMA update when training."""
         if q.dim() != 4 or q.shape != k.shape:
             raise ValueError(f"q, k must be (B, H, N, Dh) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -236,31 +234,29 @@ class KMeansRouter(nn.Module):
             return oh.view(B, H, nb, block_size, C).sum(3)
 
         scores = torch.einsum("bhic,bhjc->bhij", hist(q), hist(k))
-        return topb_layout(scores, density)
+        return BlockLayout(topb_mask(scores, sparsity), block_size, N, causal)
 
 
 def l1_attention_penalty(attn: torch.Tensor, lam: float = 0.01, block_size: int | None = None,
-                         density: float | None = None) -> torch.Tensor:
+                         sparsity: float | None = None) -> torch.Tensor:
     r"""L1 baseline loss on attention probabilities ``attn: (B, H, N, N)`` (rows sum to 1).
 
     The plain L1 norm of a softmax row is identically 1 (zero gradient), so an L1 penalty only sparsifies
-    when it acts on the weights that would be *pruned*. With ``block_size`` and ``density``: the L1 norm of
+    when it acts on the weights that would be *pruned*. With ``block_size`` and ``sparsity``: the L1 norm of
     the probabilities outside each row's top-``b`` key blocks (chosen without gradient), averaged over rows,
 
     .. math:: \mathcal{L} = \lambda\,\frac{1}{BHN}\sum_{b,h,t}\ \sum_{s \notin \mathcal{K}_b(t)} |p_{ts}|.
 
-    Without them, the mass outside each row's top-``ceil(density·N)`` single entries is used with
-    ``density`` (default 0.25). Tune ``lam`` over :data:`L1_LAMBDA_GRID` (App. A).
+    Without them, the mass outside each row's top-``ceil((1 - sparsity)·N)`` single entries is used
+    (``sparsity`` default 0.75). Tune ``lam`` over :data:`L1_LAMBDA_GRID` (App. A).
     """
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attn must be (B, H, N, N), got {tuple(attn.shape)}")
-    dens = 0.25 if density is None else float(density)
+    sp = 0.75 if sparsity is None else float(sparsity)
     if block_size is not None:
-        n = attn.shape[-1]
-        keep = magnitude_layout(attn, block_size, dens, per_input=True)
-        mask = keep.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :n, :n]
+        mask = magnitude_layout(attn, block_size, sp, per_input=True).to_dense()
     else:
-        kk = max(1, math.ceil(dens * attn.shape[-1]))
+        kk = max(1, math.ceil((1.0 - sp) * attn.shape[-1]))
         idx = attn.detach().abs().topk(kk, dim=-1).indices
         mask = torch.zeros(attn.shape, dtype=torch.bool, device=attn.device).scatter_(-1, idx, True)
     return lam * attn.abs().masked_fill(mask, 0.0).sum(-1).mean()

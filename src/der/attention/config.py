@@ -22,16 +22,25 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Literal, get_args
 
 from der._anchors import check_anchor_options
 from der.initializers import check_init
 from der.schedules import alpha_schedule, anchor_heuristic
 
+__all__ = ["DERConfig", "ArchSpec", "ARCH_DEFAULTS", "detect_architecture", "infer_seq_len", "check_block_args",
+           "Mode", "Budget", "Rule", "MODES", "BUDGETS", "RULES", "ANCHOR_RULES", "KEY_KINDS", "DEFAULT_ALPHA",
+           "DEFAULT_LAM"]
+
 # App. G.10 (ViT/BERT, GPT-2, LLaMA-2 columns): α = 5, k = √N, λ = 0.01 (0.03 for GPT-2).
 DEFAULT_ALPHA = 5.0
 DEFAULT_LAM = 0.01
-MODES = ("static", "dynamic")
+Mode = Literal["static", "dynamic"]  # frozen per-layer layouts, or per-input layouts at every call
+Budget = Literal["head", "row"]  # exact block budget per head, or top-b per query block
+Rule = Literal["anchors", "attention"]  # where layouts come from (convert)
+MODES: tuple[str, ...] = get_args(Mode)
+BUDGETS: tuple[str, ...] = get_args(Budget)
+RULES: tuple[str, ...] = get_args(Rule)
 ANCHOR_RULES = ("sqrt", "cbrt", "lite")  # App. A: k = ⌊√N⌋; "H_diff-lite": ⌈N^{1/3}⌉ ("lite" = "cbrt")
 KEY_KINDS = ("linear", "fused_qkv", "heads")
 
@@ -108,7 +117,7 @@ class DERConfig:
         metric: distance of Eq. 2 (``sqeuclidean`` default).
         block_size / sparsity / mode: what :func:`der.attention.convert` uses by default.
         budget: ``"head"`` (exact block budget per head, rows uneven) or ``"row"`` (top-b per query block,
-            uniform rows); see :mod:`der.attention.layouts`.
+            uniform rows); see :mod:`der.attention.rules`.
         every: compute H_diff only on every ``every``-th ``handle.step()`` (App. A "H_diff-lite": reduced
             update frequency; on the other steps ``handle.loss()`` is ``0·Σ anchors``, so anchors still take part).
         init: one meaning for point sets and keys (:mod:`der.initializers`): ``"data"`` = ``"random"`` —
@@ -138,8 +147,8 @@ class DERConfig:
     metric: str = "sqeuclidean"
     block_size: int = 64
     sparsity: float = 0.75
-    mode: str = "static"
-    budget: str = "head"
+    mode: Mode = "static"
+    budget: Budget = "head"
     every: int = 1
     init: Literal["data", "random", "kmeans++", "faiss", "normal"] = "data"
     anchor_update: Literal["gradient", "ema", "frozen"] = "gradient"
@@ -172,8 +181,8 @@ class DERConfig:
         if not (isinstance(self.anneal_steps, int) and self.anneal_steps >= 0):
             raise ValueError(f"anneal_steps must be an int ≥ 0, got {self.anneal_steps!r}")
         check_block_args(self.block_size, self.sparsity, self.mode)
-        if self.budget not in ("head", "row"):
-            raise ValueError(f"budget must be 'head' or 'row', got {self.budget!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if not (isinstance(self.every, int) and self.every >= 1):
             raise ValueError(f"every must be an int ≥ 1, got {self.every!r}")
         check_init(self.init)

@@ -17,7 +17,7 @@ The keys of each attention head are the point set :math:`S` of Eq. 2–3; each (
 * ``handle.entropy()`` → ``(L, H)`` (mean over the batch) of the configured objective (:math:`H_\text{diff}`
   for ``objective="entropy"``), ``handle.loss()`` → λ·its mean; non-finite keys raise naming the layer;
 * ``with handle.calibrate():`` accumulates per-position soft assignments used by
-  :mod:`der.attention.layouts` for static layouts;
+  :mod:`der.attention.rules` for static layouts;
 * ``handle.remove()`` undoes everything (hooks, parameters, attribute, attention swap of ``convert``).
 
 Works on PEFT LoRA models: the LoRA wrapper ``k_proj`` is hooked (its output includes the adapter),
@@ -39,7 +39,10 @@ from der._anchors import AnchorSet, anchor_objective, apply_geometry, zero_touch
 from der.attention._hdiff import key_entropy_layers
 from der.attention.config import ARCH_DEFAULTS, DERConfig, detect_architecture, infer_seq_len
 
+__all__ = ["inject", "get_handle", "list_matches", "read_keys", "DERHandle", "DERSite", "DERAnchors"]
+
 HANDLE_ATTR = "_der_handle"
+HANDLE_STATE_FORMAT = "der.attention.handle/1"
 ANCHOR_ATTR = "der_anchors"
 _SKIP_COMPONENTS = ("base_layer", ANCHOR_ATTR)
 _CANDIDATE_HINTS = ("key", "k_proj", "qkv", "c_attn", "k_norm", "attn", "attention")
@@ -358,7 +361,7 @@ class DERHandle:
             s.pending = None
 
     def _accumulate(self, site: DERSite, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
-        from der.attention.layouts import query_routing
+        from der.attention.rules import query_routing
 
         anchors = site.anchors.anchors.detach()
         p = DF.soft_assign(*apply_geometry(keys, anchors.to(keys.dtype), site.anchors.geometry), alpha=self.alpha,
@@ -437,8 +440,9 @@ class DERHandle:
         if self._removed:
             return
         if self.converted is not None:
-            self.converted.undo()
-            self.converted = None
+            from der.attention.conversion import revert
+
+            revert(self.model)
         self._root_hook.remove()
         for s in self.sites:
             s.hook.remove()
@@ -451,9 +455,37 @@ class DERHandle:
             delattr(self.model, HANDLE_ATTR)
         self._removed = True
 
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Handle state beyond the model's parameters (the anchors are in ``model.state_dict()``): the step
+        count (α schedule) and the conversion (settings, rule, static layouts). Plain values and tensors,
+        so ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it (e.g. in a Trainer checkpoint)."""
+        from der.attention.conversion import conversion_state
+
+        return {"format": HANDLE_STATE_FORMAT, "steps": int(self.steps), "converted": conversion_state(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: the step count and the conversion (reverting or converting the model
+        to match, with the saved layouts; no calibration needed)."""
+        if not isinstance(state, dict) or state.get("format") != HANDLE_STATE_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a DER handle state (expected format {HANDLE_STATE_FORMAT!r}, got {got!r})")
+        conv = state.get("converted")
+        if conv is not None:
+            names = sorted(conv.get("layouts", {})) if conv.get("mode") == "static" else None
+            want = sorted(s.name for s in self.sites)
+            if names is not None and names != want:
+                raise ValueError(f"saved layouts are for layers {names}, this handle has {want}")
+        from der.attention.conversion import load_conversion_state
+
+        load_conversion_state(self, conv)
+        self.steps = int(state["steps"])
+
     def __repr__(self) -> str:
         k = self.sites[0].anchors.anchors.shape[1] if self.sites else 0
-        return f"DERHandle(arch={self.arch!r}, layers={len(self.sites)}, k={k}, lam={self.lam}, alpha={self.alpha})"
+        conv = "no" if self.converted is None else f"{self.converted.mode}@{self.converted.sparsity:g}"
+        return (f"DERHandle(arch={self.arch!r}, layers={len(self.sites)}, k={k}, lam={self.lam}, "
+                f"alpha={self.alpha:g}, steps={self.steps}, converted={conv})")
 
 
 

@@ -16,6 +16,9 @@ from torch import nn
 
 from der.attention.config import DERConfig
 from der.attention.injection import DERHandle, inject
+from der.attention.layout import BlockLayout
+
+__all__ = ["save", "load", "FORMAT"]
 
 FORMAT = "der.attention/1"
 
@@ -37,10 +40,9 @@ def save(handle: DERHandle, path: str | Path) -> tuple[Path, Path]:
     meta: dict = {"format": FORMAT, "config": handle.config.to_dict(), "arch": handle.arch,
                   "sites": [s.name for s in handle.sites], "steps": handle.steps, "converted": None}
     if conv is not None:
-        meta["converted"] = {"sparsity": conv.sparsity, "block_size": conv.block_size, "mode": conv.mode,
-                             "backend": conv.backend, "budget": conv.budget, "rule": conv.rule}
+        meta["converted"] = {**conv.settings(), "layouts": {n: lay.meta() for n, lay in conv.layouts.items()}}
         for name, lay in conv.layouts.items():
-            tensors[f"layouts/{name}"] = lay.cpu().to(torch.uint8).contiguous()
+            tensors[f"layouts/{name}"] = lay.mask.cpu().to(torch.uint8).contiguous()
     save_file(tensors, str(st_path))
     js_path.write_text(json.dumps(meta, indent=1))
     return st_path, js_path
@@ -72,7 +74,15 @@ def load(model: nn.Module, path: str | Path) -> DERHandle:
 
         layouts = None
         if conv["mode"] == "static":
-            layouts = {n: tensors[f"layouts/{n}"].bool() for n in names}
+            lay_meta = conv.get("layouts") or {}
+            layouts = {}
+            for s in handle.sites:
+                mask = tensors[f"layouts/{s.name}"].bool()
+                if s.name in lay_meta:
+                    layouts[s.name] = BlockLayout.from_meta(mask, lay_meta[s.name])
+                else:  # files written before layouts carried their metadata: whole blocks, causal as the layer
+                    layouts[s.name] = BlockLayout(mask, conv["block_size"], None,
+                                                  bool(getattr(s.attention, "is_causal", False)))
         convert(model, conv["sparsity"], conv["block_size"], conv["mode"], backend=conv["backend"], layouts=layouts,
                 budget=conv.get("budget"), rule=conv.get("rule", "anchors"))
     return handle

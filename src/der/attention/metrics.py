@@ -1,10 +1,10 @@
-r"""Attention efficiency metrics: sparsity (App. G.13), block sparsity, mean block length (Table 4), FLOPs,
-latency, peak memory.
+r"""Attention efficiency metrics: sparsity (App. G.13), mean block length (Table 4), FLOPs, latency, peak
+memory. Block sparsity itself is :meth:`der.attention.layout.BlockLayout.sparsity` (defined once).
 
 FLOPs formula (documented here, used by :func:`block_sparse_attention_flops` and :func:`model_flops`):
 the dense attention op's FLOPs :math:`F_\text{attn}` are counted by ``torch.utils.flop_counter`` (on meta
 tensors, where SDPA decomposes into its two batched matmuls: :math:`4BHN^2D_h` forward, twice that more
-for backward) and scaled by the kept-block density :math:`\rho = \#\text{kept blocks} / \#\text{blocks}`;
+for backward) and scaled by the kept-block density :math:`\rho = 1 - \text{sparsity}` (kept / valid blocks);
 everything else in a model is counted unscaled:
 
 .. math:: F_\text{sparse} = F_\text{other} + \rho\, F_\text{attn}.
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from der.attention.layout import BlockLayout, as_layout
+
 __all__ = [
     "attention_sparsity",
-    "block_sparsity",
-    "block_density",
     "mean_block_length",
     "dense_attention_flops",
     "block_sparse_attention_flops",
@@ -53,32 +53,13 @@ def attention_sparsity(attn: torch.Tensor, threshold: float = 0.01, mask: torch.
     return float(small[mask].float().mean())
 
 
-def _check_layout(layout: torch.Tensor) -> None:
-    if layout.dtype != torch.bool or layout.dim() < 2 or layout.shape[-1] != layout.shape[-2]:
-        raise ValueError(f"layout must be a bool (..., nb, nb) tensor, got {layout.dtype} {tuple(layout.shape)}")
-
-
-def block_density(layout: torch.Tensor, causal: bool = False) -> float:
-    """Kept fraction of the block grid (under ``causal``, of the ``nb(nb+1)/2`` lower-triangular blocks)."""
-    _check_layout(layout)
-    if not causal:
-        return float(layout.float().mean())
-    tri = torch.ones(layout.shape[-2:], dtype=torch.bool, device=layout.device).tril()
-    return float((layout & tri).float().sum() / (tri.sum() * layout[..., 0, 0].numel()))
-
-
-def block_sparsity(layout: torch.Tensor, causal: bool = False) -> float:
-    """``1 - block_density``: fraction of (query block, key block) tiles the kernel skips."""
-    return 1.0 - block_density(layout, causal)
-
-
-def mean_block_length(layout: torch.Tensor) -> float:
+def mean_block_length(layout: BlockLayout) -> float:
     """Mean length of maximal runs of consecutive kept key blocks in a query-block row (Table 4).
 
-    Pooled over all runs of all rows/heads/batches: ``#kept blocks / #runs``; empty rows have no runs.
+    Pooled over all runs of all rows/heads/batches: ``#kept blocks / #runs`` of the kept valid blocks;
+    empty rows have no runs.
     """
-    _check_layout(layout)
-    lay = layout.to(torch.int8)
+    lay = as_layout(layout).kept_blocks().to(torch.int8)
     starts = lay.clone()
     starts[..., 1:] = (lay[..., 1:] > lay[..., :-1]).to(torch.int8)
     runs = int(starts.sum())
@@ -97,11 +78,15 @@ def dense_attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, b
     return int(fc.get_total_flops())
 
 
-def block_sparse_attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, layout: torch.Tensor,
-                                 backward: bool = False, causal: bool = False) -> int:
-    """``ρ · dense_attention_flops`` with ``ρ = block_density(layout)`` (module docstring formula)."""
-    return round(block_density(layout, causal) * dense_attention_flops(batch, heads, seq_len, head_dim,
-                                                                         backward))
+def block_sparse_attention_flops(layout: BlockLayout, head_dim: int, batch: int | None = None,
+                                 backward: bool = False) -> int:
+    """``ρ · dense_attention_flops`` with ``ρ = layout.density()`` (module docstring formula); heads and
+    ``N`` come from the layout, ``batch`` defaults to its batch rows."""
+    layout = as_layout(layout)
+    if layout.q_len != layout.kv_len:
+        raise ValueError(f"needs q_len == kv_len, got {layout.seq_len}")
+    b = layout.batch if batch is None else batch
+    return round(layout.density() * dense_attention_flops(b, layout.heads, layout.q_len, head_dim, backward))
 
 
 class _AttentionCalls(TorchFunctionMode):
@@ -123,16 +108,17 @@ class _AttentionCalls(TorchFunctionMode):
         return out
 
 
-def model_flops(fn: Callable[..., Any], *args: Any, density: float = 1.0, **kwargs: Any) -> dict[str, float]:
-    """Forward FLOPs of ``fn(*args, **kwargs)`` with attention scaled by ``density`` (module docstring).
+def model_flops(fn: Callable[..., Any], *args: Any, sparsity: float = 0.0, **kwargs: Any) -> dict[str, float]:
+    """Forward FLOPs of ``fn(*args, **kwargs)`` with attention scaled by ``1 - sparsity`` (module docstring).
 
     Non-attention FLOPs come from ``FlopCounterMode``; every ``F.scaled_dot_product_attention`` call is
     counted as ``sdpa_flop_count`` of its shapes (``4·B·H·Nq·Nk·Dh``), whatever backend runs it (the CPU
     flash kernel is invisible to the counter). Models with eager (matmul) attention count it as "other".
     Returns ``{"total", "attention_dense", "attention", "other"}``.
     """
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    density = 1.0 - sparsity
     with FlopCounterMode(display=False) as fc, _AttentionCalls(fc) as calls:
         fn(*args, **kwargs)
     other = fc.get_total_flops() - calls.seen

@@ -1,8 +1,9 @@
-r"""Per-head block layouts from the learned soft assignments (Sec. 4 "freeze per-head top-b supports …
-enforcing block contiguity"; App. E.4, Theorem 2).
+r"""Layout rules of ``convert``: per-head block layouts from the learned soft assignments (Sec. 4 "freeze
+per-head top-b supports … enforcing block contiguity"; App. E.4, Theorem 2), from the model's own calibrated
+attention (``rule="attention"``), and the block selection both share.
 
-The rule
---------
+The anchor rule
+---------------
 Let :math:`p_{ij}` be the soft assignment of token :math:`i`'s key to anchor :math:`j` (Eq. 2) for one head,
 and split the N tokens into ``nb = ceil(N / bs)`` contiguous blocks of ``bs`` tokens (the last one may be
 short; missing tokens carry no mass).
@@ -32,6 +33,14 @@ short; missing tokens carry no mass).
 Modes: **static** — :math:`p` is the mean soft assignment per position over calibration sequences,
 giving one ``(H, nb, nb)`` layout per layer, frozen; **dynamic** — :math:`p` is computed from the current
 input's keys, giving ``(B, H, nb, nb)`` per call (routing through the learned anchors).
+
+The attention rule
+------------------
+:math:`S_{ab}` = mean over the valid queries of block ``a`` of their attention mass on key block ``b``
+(:func:`~der.attention.layout.block_mass`; rows sum to 1, as the anchor rule's), then the same selection.
+
+Every layout function returns a :class:`~der.attention.layout.BlockLayout`; :func:`select_blocks` is the
+bare selection on a score tensor.
 """
 
 from __future__ import annotations
@@ -41,19 +50,11 @@ import math
 import torch
 
 from der import functional as DF
+from der.attention.config import BUDGETS, Budget
+from der.attention.layout import BlockLayout, num_blocks
 
-__all__ = ["block_scores", "select_blocks", "static_layout", "dynamic_layout", "layout_sparsity", "num_blocks",
-           "query_routing"]
-
-
-def num_blocks(n: int, block_size: int) -> int:
-    """``ceil(n / block_size)``; raises if the sequence is shorter than one block."""
-    if n < block_size:
-        raise ValueError(
-            f"sequence of {n} tokens is shorter than one block (block_size={block_size}); "
-            f"use a block_size ≤ {n} or longer inputs"
-        )
-    return math.ceil(n / block_size)
+__all__ = ["anchor_block_scores", "select_blocks", "static_layout", "dynamic_layout",
+           "attention_rule_layout", "query_routing"]
 
 
 def _blocked(p: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -80,8 +81,8 @@ def query_routing(q: torch.Tensor, anchors: torch.Tensor, counts: torch.Tensor, 
     return torch.softmax(scale * q @ a.transpose(-1, -2) + logn.unsqueeze(-2), dim=-1)
 
 
-def block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor | None = None,
-                 route: torch.Tensor | None = None) -> torch.Tensor:
+def anchor_block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor | None = None,
+                        route: torch.Tensor | None = None) -> torch.Tensor:
     r"""Steps 1–3 of the rule: ``p: (..., N, k)`` → ``S: (..., nb, nb)`` (float64, rows sum to 1).
 
     ``weight: (..., N)`` (0/1 or counts) marks valid tokens; default all valid. ``route: (..., Hq, N, k)``
@@ -108,11 +109,9 @@ def block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor | None =
     return rows @ cols.transpose(-1, -2)
 
 
-BUDGETS = ("head", "row")
-
-
-def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False, budget: str = "head") -> torch.Tensor:
-    """Step 4 of the rule: ``scores: (..., nb, nb)`` → bool layout at the target sparsity.
+def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False, budget: Budget = "head"
+                  ) -> torch.Tensor:
+    """Step 4 of the rule: ``scores: (..., nb, nb)`` → bool block mask at the target sparsity.
 
     ``budget="head"``: exactly ``K`` blocks per head, spread over rows by score (default). ``budget="row"``:
     every query block keeps its own ``b = max(1, round((1 - sparsity) · valid))`` best blocks (valid: nb, or
@@ -147,9 +146,9 @@ def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False, b
 
 
 def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, sparsity: float,
-                  causal: bool = False, route: torch.Tensor | None = None, budget: str = "head") -> torch.Tensor:
-    """Static ``(H, nb, nb)`` layout from calibration sums: ``mass: (H, N, k)`` = Σ p, ``count: (N,)``,
-    optional ``route: (Hq, N, k)`` = Σ r (then the layout has ``Hq`` heads).
+                  causal: bool = False, route: torch.Tensor | None = None, budget: Budget = "head") -> BlockLayout:
+    """Static ``(1, H, nb, nb)`` layout for N tokens from calibration sums: ``mass: (H, N, k)`` = Σ p,
+    ``count: (N,)``, optional ``route: (Hq, N, k)`` = Σ r (then the layout has ``Hq`` heads).
 
     Positions never seen in calibration get the uniform assignment 1/k (they carry no information).
     """
@@ -162,13 +161,14 @@ def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, spar
         return torch.where(c > 0, t.double() / c.clamp_min(1e-12), torch.full_like(t, 1.0 / k, dtype=torch.float64))
 
     r = None if route is None else mean(route)
-    return select_blocks(block_scores(mean(mass), block_size, route=r), sparsity, causal, budget)
+    mask = select_blocks(anchor_block_scores(mean(mass), block_size, route=r), sparsity, causal, budget)
+    return BlockLayout(mask, block_size, mass.shape[1], causal)
 
 
 def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, sparsity: float,
                    alpha: float, metric: str = "sqeuclidean", causal: bool = False,
                    key_mask: torch.Tensor | None = None, queries: torch.Tensor | None = None,
-                   scale: float | None = None, budget: str = "head") -> torch.Tensor:
+                   scale: float | None = None, budget: Budget = "head") -> BlockLayout:
     """Per-input ``(B, H, nb, nb)`` layout: ``keys: (B, H, N, Dh)``, ``anchors: (H, k, Dh)``; with
     ``queries: (B, Hq, N, Dh)`` the query blocks are routed by :func:`query_routing` (``Hq`` heads out)."""
     with torch.no_grad():
@@ -179,12 +179,18 @@ def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, s
             pw = p if w is None else p * w.unsqueeze(-1)
             r = query_routing(queries.to(p.dtype), anchors.to(p.dtype), pw.sum(-2),
                               scale if scale is not None else queries.shape[-1] ** -0.5)
-        return select_blocks(block_scores(p, block_size, w, route=r), sparsity, causal, budget)
+        mask = select_blocks(anchor_block_scores(p, block_size, w, route=r), sparsity, causal, budget)
+        return BlockLayout(mask, block_size, keys.shape[2], causal)
 
 
-def layout_sparsity(layout: torch.Tensor, causal: bool = False) -> float:
-    """Fraction of valid blocks that are dropped (valid: all, or the lower triangle when causal)."""
-    nb = layout.shape[-1]
-    nv = nb * (nb + 1) // 2 if causal else nb * nb
-    kept = layout.tril().sum(dim=(-1, -2)) if causal else layout.sum(dim=(-1, -2))
-    return float(1.0 - kept.double().mean() / nv)
+def attention_rule_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, seq_len: int,
+                          sparsity: float, causal: bool = False, budget: Budget = "head") -> BlockLayout:
+    """Static layout of ``rule="attention"`` from calibration sums: ``mass (H, nb, nb)`` of attention
+    probabilities per (query block, key block) over valid queries (:func:`~der.attention.layout.block_mass`),
+    ``count (nb,)`` valid queries per query block (blocks never seen get a uniform row)."""
+    nb = mass.shape[-1]
+    if mass.dim() != 3 or mass.shape[1] != nb or count.shape != (nb,):
+        raise ValueError(f"mass must be (H, nb, nb) and count (nb,), got {tuple(mass.shape)}, {tuple(count.shape)}")
+    c = count.double()[None, :, None]
+    scores = torch.where(c > 0, mass.double() / c.clamp_min(1e-12), torch.full_like(mass, 1.0 / nb, dtype=torch.float64))
+    return BlockLayout(select_blocks(scores, sparsity, causal, budget), block_size, seq_len, causal)

@@ -1,8 +1,8 @@
-r"""The ``"cpu"`` backend of :func:`der.attention.block_sparse_attention`: bucketed gather + batched matmuls
+r"""The ``"gather"`` backend of :func:`der.attention.block_sparse_attention`: bucketed gather + batched matmuls
 over the kept key blocks (Sec. 4 / App. E.4), with a FlashAttention-2 style recompute backward.
 
-Plan (cached per layout, N, block size, causal)
------------------------------------------------
+Plan (cached on the BlockLayout)
+--------------------------------
 Layout rows (one per (batch-of-layout, head, query block)) are grouped into **buckets** of rows that keep
 the same number ``K`` of key blocks and need the same *tail mask*, so no row is padded to a longer one
 (uneven DER layouts, ``budget="head"``, cost only what they keep). Kept blocks are listed in ascending
@@ -32,8 +32,8 @@ Backward, per chunk (``P`` recomputed, or kept from forward when all probabiliti
 ``dQ = scale · dS kg``, ``dK_g = scale · dSᵀ q`` (scale fused into ``baddbmm``); ``dK_g, dV_g`` are
 scattered back with ``index_add_``.
 
-Threads: one intra-op thread is the robust setting: per-chunk matmuls are small, and on a busy 2-core
-machine two OpenMP threads made this path several times slower (measured, issue 7).
+Threads: per-chunk matmuls are small, so one intra-op thread is the robust setting on a loaded machine
+(more OpenMP threads mostly add synchronisation).
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# Bytes of gathered key+value blocks per chunk (the score/probability buffer is about as large at Dh = bs).
-# 2 MB (the L2 size of the development CPU) beat 1 MB by 3-12% on every shape of the issue grid, N = 256 to
-# 4096, forward and forward+backward (fewer, larger batched matmuls; A/B in one process, issue 7).
+__all__ = ["Plan", "make_plan", "attention", "CHUNK_BYTES", "KEEP_P_BYTES", "MAX_RUN"]
+
+# Bytes of gathered key+value blocks per chunk (the score/probability buffer is about as large at Dh = bs):
+# about one L2 cache, so a chunk's gathers and matmuls stay in cache while batches stay large
+# (benchmarks/results/attention_kernel.json).
 CHUNK_BYTES = 2 << 20
 # Training: the probabilities are kept from forward (no score matmul, no softmax in backward) when all of
 # them fit in this many bytes; larger problems recompute them (memory O(N·Dh) plus one chunk).
@@ -72,7 +74,7 @@ class _Bucket:
 
 @dataclass
 class Plan:
-    """Layout-derived buckets of the CPU path (cached per layout, N, block size, causal)."""
+    """Layout-derived buckets of the gather path (cached on the :class:`~der.attention.layout.BlockLayout`)."""
 
     buckets: list[_Bucket]
     L: int  # layout rows Bl*H*nb

@@ -5,14 +5,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from der.attention.layouts import (
-    block_scores,
+from der.attention.layout import BlockLayout, num_blocks
+from der.attention.rules import (
+    anchor_block_scores,
     dynamic_layout,
-    layout_sparsity,
-    num_blocks,
     select_blocks,
     static_layout,
 )
+
+block_scores = anchor_block_scores
 
 
 def _scores_loops(p: torch.Tensor, bs: int) -> torch.Tensor:
@@ -53,7 +54,7 @@ def test_layout_invariants(n, bs, k, s, causal, seed):
     assert bool(lay.diagonal(dim1=-2, dim2=-1).all())  # no empty row, own block kept
     if causal:
         assert not bool(lay.triu(1).any())
-    assert layout_sparsity(lay, causal) == pytest.approx(1 - want / nv)
+    assert BlockLayout(lay, bs, n, causal).sparsity() == pytest.approx(1 - want / nv)
 
 
 def test_selection_prefers_high_scores_and_contiguity_on_ties():
@@ -72,11 +73,13 @@ def test_clustered_keys_give_cluster_blocks():
     keys = torch.zeros(1, 1, 32, 2)
     keys[0, 0, 8:16] = 10.0
     keys[0, 0, 24:32] = 10.0
-    lay = dynamic_layout(keys, anchors, bs, sparsity=0.5, alpha=5.0)[0, 0]
+    dyn = dynamic_layout(keys, anchors, bs, sparsity=0.5, alpha=5.0)
+    assert isinstance(dyn, BlockLayout) and dyn.seq_len == 32 and dyn.block_size == bs
+    lay = dyn.mask[0, 0]
     want = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
     assert torch.equal(lay, want)
     mass = torch.softmax(-5.0 * torch.cdist(keys[0], anchors).pow(2), -1)  # (1, 32, 2)
-    assert torch.equal(static_layout(mass, torch.ones(32), bs, 0.5)[0], want)
+    assert torch.equal(static_layout(mass, torch.ones(32), bs, 0.5).mask[0, 0], want)
 
 
 def test_errors():
@@ -89,7 +92,7 @@ def test_errors():
 
 
 def test_query_routing_formula_and_gqa_scores():
-    from der.attention.layouts import query_routing
+    from der.attention.rules import query_routing
 
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 4, 24, 8, generator=g, dtype=torch.float64)  # 4 query heads
@@ -109,7 +112,7 @@ def test_query_routing_formula_and_gqa_scores():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sparsity", [0.5, 0.75])
 def test_row_budget_keeps_top_b_per_query_block(causal, sparsity):
-    from der.attention.layouts import select_blocks
+    from der.attention.rules import select_blocks
 
     g = torch.Generator().manual_seed(3)
     nb = 12
