@@ -6,7 +6,7 @@ the CPU path's cost does not depend on which blocks are kept, only on how many).
 process and interleaved per repeat (so load drift on a shared machine hits all methods alike):
 
 * ``dense``: ``F.scaled_dot_product_attention`` without mask (the CPU flash kernel / CUDA flash backend);
-* ``ours``: ``block_sparse_attention(..., backend="cpu")`` (:mod:`der.attention._cpu_kernel`: bucketed
+* ``ours``: ``block_sparse_attention(..., backend="gather")`` (:mod:`der.attention._gather`: bucketed
   gather + batched matmuls in reused buffers, custom recompute backward);
 * ``flex``: ``block_sparse_attention(..., backend="flex")`` (compiled FlexAttention, a fresh static compile
   per shape; compile time excluded). CPU: forward only (no CPU backward in torch 2.13).
@@ -38,12 +38,11 @@ import torch.nn.functional as F
 from der.attention import kernels
 from der.attention.baselines import bigbird_layout
 from der.attention.kernels import block_sparse_attention
-from der.attention.metrics import block_sparsity
 from der_lab.harness import Run, result_path, time_calls
 
 __all__ = ["bench_shape", "main"]
 
-BLOCK, DH, DENSITY = 64, 64, 0.25
+BLOCK, DH, SPARSITY = 64, 64, 0.75
 MIN_DENSE_S, MAX_REPEATS = 0.25, 60
 
 
@@ -55,10 +54,10 @@ def _methods(q, k, v, lay, dev, with_flex: bool, mode: str) -> dict:
         dense_ctx = lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)  # noqa: E731
     calls = {
         "dense": lambda: F.scaled_dot_product_attention(q, k, v),
-        "ours": lambda: block_sparse_attention(q, k, v, lay, BLOCK, backend="cpu"),
+        "ours": lambda: block_sparse_attention(q, k, v, lay, backend="gather"),
     }
     if with_flex and (mode == "fwd" or dev.type == "cuda"):
-        calls["flex"] = lambda: block_sparse_attention(q, k, v, lay, BLOCK, backend="flex")
+        calls["flex"] = lambda: block_sparse_attention(q, k, v, lay, backend="flex")
     g = torch.randn_like(q)
 
     def wrap(name, f):
@@ -80,8 +79,7 @@ def _methods(q, k, v, lay, dev, with_flex: bool, mode: str) -> dict:
 def bench_shape(B: int, H: int, N: int, dev: torch.device, repeats: int, with_flex: bool,
                 adaptive: bool = True) -> list[dict]:
     """Rows (one per mode) of one shape; ``adaptive`` raises ``repeats`` for fast shapes (module docstring)."""
-    nb = N // BLOCK
-    lay = bigbird_layout(nb, H, DENSITY, seed=0).to(dev)
+    lay = bigbird_layout(N, BLOCK, H, SPARSITY, seed=0).to(dev)
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(B, H, N, DH, generator=gen).to(dev) for _ in range(3)]
     rows = []
@@ -100,7 +98,7 @@ def bench_shape(B: int, H: int, N: int, dev: torch.device, repeats: int, with_fl
         t = time_calls(fns, repeats=reps, warmup=0, sync=sync)
         wall = {n: t[n].wall_s for n in fns}
         row = {"B": B, "H": H, "N": N, "Dh": DH, "mode": mode, "repeats": reps,
-               "block_sparsity": block_sparsity(lay)}
+               "block_sparsity": lay.sparsity()}
         for name in fns:
             row[f"{name}_wall_s"] = t[name].median_s
             row[f"{name}_cpu_s"] = t[name].cpu_median_s
@@ -164,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {
         "benchmark": "attention_kernel",
-        "meta": {"device": str(dev), "block_size": BLOCK, "density": DENSITY,
-                 "layout": "bigbird_layout(nb, H, 0.25, seed=0): 1 global + random + window blocks per row",
+        "meta": {"device": str(dev), "block_size": BLOCK, "sparsity": SPARSITY,
+                 "layout": "bigbird_layout(N, 64, H, sparsity=0.75, seed=0): 1 global + random + window blocks per row",
                  "note": "shared 2-core machine with other jobs running: timings are noisy; speedups are "
                          "ratios of medians of interleaved repeats in one process"},
         "rows": rows,

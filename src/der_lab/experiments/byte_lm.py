@@ -91,31 +91,31 @@ def evaluate(model, val: ByteWindows, n: int, batch: int = 8) -> dict:
     return {"val_ppl": math.exp(nll), "bits_per_byte": nll / math.log(2)}
 
 
-def row_stats(layouts: list[torch.Tensor]) -> dict:
-    """Kept causal key blocks per query-block row: mean and max over rows, heads and layers. The CPU kernel
-    pads every row of a head to that head's longest row, so its cost follows the max more than the mean."""
-    rows = torch.cat([lay.tril().sum(-1).flatten().double() for lay in layouts])
-    per_head_max = torch.cat([lay.tril().sum(-1).amax(-1).flatten().double() for lay in layouts])
+def row_stats(layouts: list) -> dict:
+    """Kept causal key blocks per query-block row of ``BlockLayout`` s: mean and max over rows, heads and
+    layers (a kernel that pads rows to a head's longest row costs like the max more than the mean)."""
+    rows = torch.cat([lay.kept_blocks().sum(-1).flatten().double() for lay in layouts])
+    per_head_max = torch.cat([lay.kept_blocks().sum(-1).amax(-1).flatten().double() for lay in layouts])
     return {"mean_kept_per_row": float(rows.mean()), "mean_head_max_kept_per_row": float(per_head_max.mean()),
-            "blocks_per_row": int(layouts[0].shape[-1])}
+            "blocks_per_row": int(layouts[0].n_blocks[1])}
 
 
-def _kernel_speedup(layouts: list[torch.Tensor], cfg: ByteLMConfig) -> dict:
+def _kernel_speedup(layouts: list, cfg: ByteLMConfig) -> dict:
     """Attention-kernel time of every layer's layout (summed) vs SDPA causal on the same shapes, one process."""
     from der.attention import block_sparse_attention
 
     h, dh = cfg.heads, cfg.hidden // cfg.heads
     q, k, v = (torch.randn(cfg.batch_size, h, cfg.context, dh) for _ in range(3))
-    lays = [lay[None] if lay.dim() == 3 else lay for lay in layouts]
+    lays = [lay.resize(cfg.context) for lay in layouts]
+    assert all(lay.causal for lay in lays)
     dense = median_ms(lambda: [F.scaled_dot_product_attention(q, k, v, is_causal=True) for _ in lays])
-    sparse = median_ms(lambda: [block_sparse_attention(q, k, v, lay, cfg.block_size, causal=True) for lay in lays])
+    sparse = median_ms(lambda: [block_sparse_attention(q, k, v, lay) for lay in lays])
     return {"sdpa_causal_ms": dense, "block_sparse_ms": sparse, "speedup": dense / sparse, "layers": len(lays)}
 
 
 def run(cfg: ByteLMConfig, run_dir: Path) -> dict:
-    from der.attention import convert
+    from der.attention import BlockLayout, convert
     from der.attention.baselines import bigbird_layout, longformer_layout
-    from der.attention.layouts import layout_sparsity
 
     corpus = stdlib_corpus(max_bytes=cfg.max_bytes)
     train = ByteWindows(corpus.train, cfg.context, stride=cfg.context // 4)
@@ -150,13 +150,15 @@ def run(cfg: ByteLMConfig, run_dir: Path) -> dict:
         else:
             make = bigbird_layout if method == "bigbird" else longformer_layout
 
-            def causal(d: float, i: int, make=make, method=method) -> torch.Tensor:
-                lay = make(nb, cfg.heads, d, **({"seed": cfg.seed + i} if method == "bigbird" else {}))[0]
-                return (lay & tril) | torch.eye(nb, dtype=torch.bool)
+            def causal(d: float, i: int, make=make, method=method) -> BlockLayout:
+                lay = make(cfg.context, cfg.block_size, cfg.heads, 1 - d,
+                           **({"seed": cfg.seed + i} if method == "bigbird" else {}))
+                mask = (lay.mask & tril) | torch.eye(nb, dtype=torch.bool)
+                return BlockLayout(mask, cfg.block_size, cfg.context, causal=True)
 
             # the baselines keep b blocks per full row; pick b so the causal-triangle sparsity matches DER's
             dens = min((b / nb for b in range(1, nb + 1)),
-                       key=lambda d: abs(layout_sparsity(causal(d, 0), causal=True) - cfg.sparsity))
+                       key=lambda d: abs(causal(d, 0).sparsity() - cfg.sparsity))
             lays = {n: causal(dens, i) for i, n in enumerate(names)}
             convert(model, sparsity=cfg.sparsity, block_size=cfg.block_size, layouts=lays)
         lays = list(handle.converted.layouts.values())
@@ -165,7 +167,7 @@ def run(cfg: ByteLMConfig, run_dir: Path) -> dict:
             handle.regularize = False
             _train(model, train, cfg.finetune_steps, cfg, run_dir / f"{method}_ft", lr=cfg.lr / 4)
         res = {**evaluate(model, val, cfg.val_windows), "val_ppl_before_finetune": before["val_ppl"],
-               "block_sparsity": sum(layout_sparsity(lay, causal=True) for lay in lays) / len(lays),
+               "block_sparsity": sum(lay.sparsity() for lay in lays) / len(lays),
                "latency_ms": median_ms(lambda m=model: m(input_ids=xb)),
                "kernel": _kernel_speedup(lays, cfg), "rows": row_stats(lays), "dense_fallbacks": dict(handle.dense_fallbacks)}
         res["ppl_increase_pct"] = 100 * (res["val_ppl"] / out["methods"]["dense"]["val_ppl"] - 1)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from der.attention.layout import block_mass
 from der.training import config_hash, fit, seed_everything
 from der_lab.harness import Run, parse_config, result_path, time_call
 
@@ -263,11 +264,4 @@ def attention_block_scores(model: nn.Module, batches: Iterable[dict], block_size
         model.train(was)
     if sums is None:
         raise ValueError("no batches given")
-    out = []
-    for s in sums:
-        h, n, _ = s.shape
-        nb = -(-n // block_size)
-        pad = nb * block_size - n
-        p = F.pad(s / count, (0, pad, 0, pad))
-        out.append(p.reshape(h, nb, block_size, nb, block_size).sum((2, 4)))
-    return out
+    return [block_mass(s / count, block_size) for s in sums]

@@ -79,7 +79,6 @@ def _lora(base_state: dict, cfg: LoraLlamaConfig):
 
 def run(cfg: LoraLlamaConfig, run_dir: Path) -> dict:
     from der.attention import DERConfig, convert, inject
-    from der.attention.layouts import layout_sparsity
 
     lm = cfg.lm()
     corpus = stdlib_corpus(max_bytes=cfg.max_bytes)
@@ -114,7 +113,7 @@ def run(cfg: LoraLlamaConfig, run_dir: Path) -> dict:
     convert(der, sparsity=cfg.sparsity, block_size=cfg.block_size, calib_inputs=calib)
     lays = list(handle.converted.layouts.values())
     res = {**evaluate(der, val, cfg.val_windows), "sites": [s.name for s in handle.sites],
-           "block_sparsity_der_layers": sum(layout_sparsity(lay, causal=True) for lay in lays) / len(lays),
+           "block_sparsity_der_layers": sum(lay.sparsity() for lay in lays) / len(lays),  # causal layouts
            "latency_ms": median_ms(lambda: der(input_ids=xb)), "dense_fallbacks": dict(handle.dense_fallbacks)}
     res["ppl_increase_pct"] = 100 * (res["val_ppl"] / out["methods"]["dense_lora"]["val_ppl"] - 1)
     res["speedup_end_to_end"] = out["methods"]["dense_lora"]["latency_ms"] / res["latency_ms"]

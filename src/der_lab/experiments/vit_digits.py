@@ -98,30 +98,29 @@ def _fresh(cfg: ViTDigitsConfig, state: dict | None):
                           state=state)
 
 
-def _structured(kind: str, heads: int, nb: int, density: float, seed: int) -> torch.Tensor:
+def _structured(kind: str, heads: int, n: int, block_size: int, sparsity: float, seed: int):
     from der.attention import baselines
 
     if kind == "bigbird":
-        return baselines.bigbird_layout(nb, heads, density, seed=seed)[0]
-    return baselines.longformer_layout(nb, heads, density)[0]
+        return baselines.bigbird_layout(n, block_size, heads, sparsity, seed=seed)
+    return baselines.longformer_layout(n, block_size, heads, sparsity)
 
 
-def l1_loss(lam: float, block_size: int, density: float):
+def l1_loss(lam: float, block_size: int, sparsity: float):
     """``loss_override`` for the L1 baseline: CE + Σ_layers ``baselines.l1_attention_penalty`` (eager attention)."""
     from der.attention.baselines import l1_attention_penalty
 
     def loss(m, x, y):
         out = m(pixel_values=x, output_attentions=True)
-        pen = sum(l1_attention_penalty(a, lam, block_size, density) for a in out.attentions)
+        pen = sum(l1_attention_penalty(a, lam, block_size, sparsity) for a in out.attentions)
         return torch.nn.functional.cross_entropy(out.logits, y) + pen, {"l1": float(pen.detach())}
 
     return loss
 
 
 def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
-    from der.attention import convert
-    from der.attention.baselines import topb_layout
-    from der.attention.layouts import layout_sparsity
+    from der.attention import BlockLayout, convert
+    from der.attention.baselines import topb_mask
     from der.attention.metrics import mean_block_length
 
     torch.manual_seed(cfg.seed)
@@ -165,7 +164,7 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
     skipped: dict[str, str] = {}
     if cfg.l1_lam > 0:
         l1_model, _, _ = train_variant("l1", handle_reg=False,
-                                       override=l1_loss(cfg.l1_lam, cfg.block_size, 1 - cfg.l1_sparsity))
+                                       override=l1_loss(cfg.l1_lam, cfg.block_size, cfg.l1_sparsity))
         sources["l1"] = {k: v.clone() for k, v in l1_model.state_dict().items()}
 
     for s in cfg.sparsities:
@@ -178,16 +177,17 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
                             rule="attention" if method == "der_attention_rule" else "anchors")
                 else:
                     if method in ("bigbird", "longformer"):
-                        nb = -(-n_tokens // cfg.block_size)
-                        lay = [_structured(method, spec.heads, nb, 1 - s, cfg.seed + i) for i in range(len(names))]
+                        lay = [_structured(method, spec.heads, n_tokens, cfg.block_size, s, cfg.seed + i)
+                               for i in range(len(names))]
                     else:  # magnitude top-b of this model's own dense attention (the dense or the L1 model)
-                        lay = [topb_layout(sc, 1 - s) for sc in attention_block_scores(model, calib, cfg.block_size)]
+                        lay = [BlockLayout(topb_mask(sc, s), cfg.block_size, n_tokens)
+                               for sc in attention_block_scores(model, calib, cfg.block_size)]
                     convert(model, sparsity=s, block_size=cfg.block_size, layouts=dict(zip(names, lay, strict=True)))
             except (ImportError, AttributeError, TypeError) as e:
                 skipped[f"{method}@{s}"] = f"{type(e).__name__}: {e}"
                 continue
             layouts = list(handle.converted.layouts.values())
-            sp = float(sum(layout_sparsity(lay) for lay in layouts) / len(layouts))
+            sp = float(sum(lay.sparsity() for lay in layouts) / len(layouts))
             before = accuracy(model, xt, yt)
             if cfg.finetune_epochs:
                 train_classifier(model, train, epochs=cfg.finetune_epochs, lr=cfg.lr / 4, batch_size=cfg.batch_size,
