@@ -141,3 +141,51 @@ def test_bad_inputs():
         KMeansRouter(2, 4, 3)(torch.randn(1, 3, 8, 4), torch.randn(1, 3, 8, 4), 4, 0.5)
     with pytest.raises(ValueError, match="attn must be"):
         l1_attention_penalty(torch.rand(2, 3, 3))
+
+
+def _moba_reference(q, k, bs, sparsity, causal, kpm):
+    """Float64 loops: mean-pooled real tokens per block, q̄·k̄ scores, diagonal + best b - 1 per row."""
+    B, H, N, _ = q.shape
+    nb = -(-N // bs)
+    out = torch.zeros(B, H, nb, nb, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            kh = h // (H // k.shape[1])
+
+            def mean(x, i, b=b):
+                idx = [t for t in range(i * bs, min(N, (i + 1) * bs)) if kpm is None or kpm[b, t]]
+                return None if not idx else x[idx].double().mean(0)
+
+            for i in range(nb):
+                valid = list(range(i + 1)) if causal else list(range(nb))
+                nkeep = max(1, round(len(valid) * (1 - sparsity)))
+                qi = mean(q[b, h], i)
+                sc = {}
+                for j in valid:
+                    kj = mean(k[b, kh], j)
+                    sc[j] = -math.inf if kj is None or qi is None else float(qi @ kj)
+                others = sorted((j for j in valid if j != i), key=lambda j: (-sc[j], abs(i - j)))
+                for j in [i] + others[:nkeep - 1]:
+                    out[b, h, i, j] = True
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_moba_layout_matches_loop_reference(causal):
+    from der.attention.baselines import moba_layout
+
+    g = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, N, D, bs = 2, 4, 2, 45, 8, 8
+    q = torch.randn(B, Hq, N, D, generator=g)
+    k = torch.randn(B, Hkv, N, D, generator=g)
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[1, 30:] = False
+    for mask in (None, kpm):
+        lay = moba_layout(q, k, bs, 0.5, causal=causal, key_padding_mask=mask)
+        assert isinstance(lay, BlockLayout) and lay.shape == (B, Hq, 6, 6) and lay.causal == causal
+        assert torch.equal(lay.mask, _moba_reference(q, k, bs, 0.5, causal, mask))
+        assert lay.mask.diagonal(dim1=-2, dim2=-1).all()
+    with pytest.raises(ValueError, match="multiple"):
+        moba_layout(q[:, :3], k, bs, 0.5)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        moba_layout(q, k, bs, 0.5, key_padding_mask=kpm.float())

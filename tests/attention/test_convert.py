@@ -352,3 +352,37 @@ def test_handle_state_dict_round_trips_conversion_and_steps(tmp_path, mode):
     bad["converted"] = conv_state["converted"] | {"layouts": {"nope": {}}} if mode == "static" else {"format": "x"}
     with pytest.raises(ValueError):
         h2.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_moba_rule_routes_each_input_and_equals_masked_dense(name):
+    """convert(mode="dynamic", rule="moba"): per-input layouts from the call's own (post-RoPE) q and k."""
+    import der.attention._swap as S
+    from der.attention.baselines import moba_layout
+
+    outs, seen = {}, []
+    orig = S.block_sparse_attention
+    for backend in ("gather", "dense"):
+        model, fwd, x, ref, h = _setup(name)
+        convert(model, sparsity=0.5, mode="dynamic", rule="moba", backend=backend)
+        assert not h.keep_keys
+
+        def spy(q, k, v, layout, *a, **kw):
+            seen.append((q, k, layout))
+            return orig(q, k, v, layout, *a, **kw)
+
+        S.block_sparse_attention = spy
+        try:
+            with torch.no_grad():
+                outs[backend] = fwd(model, x)
+        finally:
+            S.block_sparse_attention = orig
+        assert h.dense_fallbacks == {}
+    torch.testing.assert_close(outs["gather"], outs["dense"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs["gather"], ref, atol=1e-4)
+    q, k, lay = seen[0]
+    assert lay.shape[0] == 2 and lay.causal == (name == "llama")
+    assert torch.equal(lay.mask, moba_layout(q, k, 16, 0.5, causal=lay.causal).mask)  # k here: GQA-expanded
+    model, fwd, x, ref, h = _setup(name)
+    with pytest.raises(ValueError, match="dynamic"):
+        convert(model, sparsity=0.5, rule="moba")

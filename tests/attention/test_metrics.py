@@ -113,3 +113,87 @@ def test_latency_and_peak_memory():
 def test_peak_memory_cuda():
     n = 1 << 20
     assert peak_memory(lambda: torch.ones(n, device="cuda"), device="cuda") >= 4 * n
+
+
+def _recall_loops(p, mask, bs, causal, qmask=None):
+    """Float64 loop reference of attention-mass recall per head."""
+    B, H, N, _ = p.shape
+    inside = torch.zeros(H, dtype=torch.float64)
+    total = torch.zeros(H, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(N):
+                if qmask is not None and not qmask[b, t]:
+                    continue
+                for s in range(N):
+                    total[h] += float(p[b, h, t, s])
+                    if mask[b if mask.shape[0] > 1 else 0, h, t // bs, s // bs] and (not causal or s <= t):
+                        inside[h] += float(p[b, h, t, s])
+    return inside / total, float(inside.sum() / total.sum())
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(4, 20), bs=st.sampled_from([2, 3, 4]), causal=st.booleans(), per_input=st.booleans(),
+       seed=st.integers(0, 999))
+def test_attention_mass_recall_matches_float64_loops(n, bs, causal, per_input, seed):
+    from der.attention.metrics import attention_mass_recall
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 2, n, n, generator=g) * 2
+    if causal:
+        logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.softmax(logits, -1)
+    nb = -(-n // bs)
+    mask = torch.rand(2 if per_input else 1, 2, nb, nb, generator=g) < 0.5
+    qmask = torch.rand(2, n, generator=g) < 0.8
+    qmask[:, 0] = True
+    rec = attention_mass_recall(p, BlockLayout(mask, bs, n, causal), query_mask=qmask)
+    ref_head, ref = _recall_loops(p, mask, bs, causal, qmask)
+    torch.testing.assert_close(rec.per_head, ref_head)
+    assert rec.overall == pytest.approx(ref)
+    full = BlockLayout(torch.ones(1, 2, nb, nb, dtype=torch.bool), bs, n, causal)
+    assert attention_mass_recall(p, full).overall == pytest.approx(1.0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(4, 12), bs=st.sampled_from([2, 4]), causal=st.booleans(), seed=st.integers(0, 999))
+def test_oracle_recall_is_the_best_layout_of_the_same_budget(n, bs, causal, seed):
+    """Brute force over every layout with the same kept valid blocks per head (tiny grids)."""
+    import itertools
+
+    from der.attention.metrics import attention_mass_recall, oracle_layout, oracle_recall
+
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(3, 2, n, n, generator=g, dtype=torch.float64) * 3, -1)
+    nb = -(-n // bs)
+    budget = BlockLayout(torch.rand(1, 2, nb, nb, generator=g) < 0.4, bs, n, causal)
+    orc = oracle_recall(p, budget)
+    lay = oracle_layout(p, budget)
+    assert torch.equal(lay.kept_blocks().sum((-1, -2)), budget.kept_blocks().sum((-1, -2)))
+    valid = [ij for ij in itertools.product(range(nb), range(nb)) if budget.valid_blocks()[ij]]
+    for h in range(2):
+        k = int(budget.kept_blocks()[0, h].sum())
+        best = 0.0
+        for keep in itertools.combinations(valid, k):
+            m = torch.zeros(1, 2, nb, nb, dtype=torch.bool)
+            for i, j in keep:
+                m[0, h, i, j] = True
+            best = max(best, float(attention_mass_recall(p, BlockLayout(m, bs, n, causal)).per_head[h]))
+        assert float(orc.per_head[h]) == pytest.approx(best, abs=1e-12)
+    assert orc.overall >= attention_mass_recall(p, budget).overall - 1e-12
+
+
+def test_recall_bad_input():
+    from der.attention.metrics import attention_mass_recall
+
+    lay = BlockLayout(torch.ones(1, 2, 2, 2, dtype=torch.bool), 4, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        attention_mass_recall(torch.rand(1, 3, 8, 8), lay)
+    with pytest.raises(ValueError, match="probabilities"):
+        attention_mass_recall(torch.rand(1, 2, 8), lay)
+    with pytest.raises(ValueError, match="finite"):
+        attention_mass_recall(torch.full((1, 2, 8, 8), float("nan")), lay)
+    with pytest.raises(ValueError, match="query_mask"):
+        attention_mass_recall(torch.rand(1, 2, 8, 8), lay, query_mask=torch.ones(1, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="BlockLayout"):
+        attention_mass_recall(torch.rand(1, 2, 8, 8), lay.mask)

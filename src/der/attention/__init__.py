@@ -10,9 +10,10 @@ Index of the public names (modules in parentheses):
   (injection), ``convert``, ``revert``, ``summary`` (conversion);
 * layouts — ``BlockLayout``, ``block_mass`` (layout); ``static_layout``, ``dynamic_layout``,
   ``select_blocks`` (rules); baselines ``dense_layout``, ``magnitude_layout``, ``bigbird_layout``,
-  ``longformer_layout``, ``topb_mask``, ``KMeansRouter``, ``l1_attention_penalty`` (baselines);
+  ``longformer_layout``, ``topb_mask``, ``KMeansRouter``, ``moba_layout``, ``l1_attention_penalty``
+  (baselines);
 * kernel — ``block_sparse_attention`` (kernels);
-* metrics — ``attention_sparsity``, ``mean_block_length``, ``block_sparse_attention_flops``,
+* metrics — ``attention_mass_recall``, ``oracle_recall``, ``oracle_layout``, ``attention_sparsity``, ``mean_block_length``, ``block_sparse_attention_flops``,
   ``model_flops``, ``median_latency``, ``peak_memory`` (metrics).
 """
 
@@ -40,6 +41,10 @@ _TABLE = {
     "KMeansRouter": ".baselines",
     "l1_attention_penalty": ".baselines",
     "topb_mask": ".baselines",
+    "moba_layout": ".baselines",
+    "attention_mass_recall": ".metrics",
+    "oracle_recall": ".metrics",
+    "oracle_layout": ".metrics",
     "attention_sparsity": ".metrics",
     "mean_block_length": ".metrics",
     "block_sparse_attention_flops": ".metrics",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from der.attention.baselines import moba_layout
 from der.attention.injection import DERHandle, DERSite
 from der.attention.kernels import block_sparse_attention
 from der.attention.layout import BlockLayout, block_mass, num_blocks
@@ -96,10 +97,14 @@ def _mask_is_trivial(mask: torch.Tensor | None, n_q: int, n_k: int, causal: bool
 
 
 def _layout_for(state: ConvertState, site: DERSite, n: int, causal: bool, groups: int,
-                device: torch.device) -> BlockLayout | None:
-    """The layout of this call: the static one resized to ``n`` (cached on it), or a fresh dynamic one."""
+                device: torch.device, q: torch.Tensor, k: torch.Tensor, kpm: torch.Tensor | None
+                ) -> BlockLayout | None:
+    """The layout of this call: the static one resized to ``n`` (cached on it), or a fresh dynamic one
+    (through the anchors, or ``rule="moba"``: from this call's own queries and keys)."""
     bs = state.block_size
     nb = num_blocks(n, bs)
+    if state.rule == "moba":
+        return moba_layout(q, k, bs, state.sparsity, causal, kpm, state.budget)
     if state.mode == "static":
         lay = state.layouts[site.name]
         if lay.n_blocks[0] < nb:
@@ -139,7 +144,7 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
             _fallback(handle, "a custom attention mask (not key padding)")
             return None
     groups = q.shape[1] // k.shape[1]
-    lay = _layout_for(state, site, n, causal, groups, q.device)
+    lay = _layout_for(state, site, n, causal, groups, q.device, q, k, kpm)
     if lay is None:
         _fallback(handle, "an input longer than the calibrated layout" if state.mode == "static"
                   else "keys not captured for this call")

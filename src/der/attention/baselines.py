@@ -10,6 +10,9 @@ query-block row, so all methods have the same block sparsity ``1 - b / n_blocks`
 * :func:`bigbird_layout` — global key blocks + sliding window + random blocks (Zaheer et al., 2020).
 * :func:`longformer_layout` — global key blocks + sliding window (Beltagy et al., 2020).
 * :class:`KMeansRouter` — Routing-Transformer-style EMA k-means over queries/keys giving per-input layouts.
+* :func:`moba_layout` — training-free per-input routing (MoBA, Lu et al., 2025): query blocks score key
+  blocks by the dot product of mean-pooled blocks, top-``b`` plus the diagonal
+  (``convert(..., mode="dynamic", rule="moba")``).
 * :func:`l1_attention_penalty` — the L1 baseline's loss term (see its docstring: plain L1 of softmax rows is
   constant, so the penalty acts on the probability mass outside the kept support).
 
@@ -26,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from der.attention.config import Budget
 from der.attention.layout import BlockLayout, block_mass, num_blocks
+from der.attention.rules import select_blocks
 
 __all__ = [
     "blocks_per_row",
@@ -36,6 +41,7 @@ __all__ = [
     "bigbird_layout",
     "longformer_layout",
     "KMeansRouter",
+    "moba_layout",
     "l1_attention_penalty",
     "L1_LAMBDA_GRID",
 ]
@@ -235,6 +241,52 @@ class KMeansRouter(nn.Module):
 
         scores = torch.einsum("bhic,bhjc->bhij", hist(q), hist(k))
         return BlockLayout(topb_mask(scores, sparsity), block_size, N, causal)
+
+
+def _block_means(x: torch.Tensor, block_size: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean of ``x: (B, H, N, D)`` over each block's tokens (weights ``w: (B, N)``) → ``(B, H, nb, D)``,
+    and the blocks' weight sums ``(B, nb)``."""
+    B, H, N, D = x.shape
+    nb = num_blocks(N, block_size)
+    pad = nb * block_size - N
+    sums = F.pad(x * w[:, None, :, None], (0, 0, 0, pad)).view(B, H, nb, block_size, D).sum(3)
+    cnt = F.pad(w, (0, pad)).view(B, nb, block_size).sum(-1)
+    return sums / cnt[:, None, :, None].clamp_min(1.0), cnt
+
+
+@torch.no_grad()
+def moba_layout(q: torch.Tensor, k: torch.Tensor, block_size: int, sparsity: float, causal: bool = False,
+                key_padding_mask: torch.Tensor | None = None, budget: Budget = "row") -> BlockLayout:
+    r"""MoBA-style per-input layout: :math:`S_{ij} = ar q_i \cdot ar k_j` of mean-pooled query block
+    :math:`i` and key block :math:`j`, then :func:`~der.attention.rules.select_blocks` (the diagonal block is
+    always kept, future blocks dropped under ``causal``, top-``b`` per row for ``budget="row"``).
+
+    Args:
+        q: ``(B, Hq, N, Dh)`` queries; k: ``(B, Hkv, N, Dh)`` keys (``Hq`` a multiple of ``Hkv``: GQA).
+        key_padding_mask: optional bool ``(B, N)`` (True = real token): padded tokens are left out of the
+            means; key blocks with no real token are never chosen (except as a row's own diagonal).
+
+    Returns:
+        :class:`~der.attention.layout.BlockLayout` ``(B, Hq, nb, nb)``.
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q, k must be (B, H, N, Dh) with one B, N, Dh, got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
+    B, _, N, _ = q.shape
+    if key_padding_mask is None:
+        w = torch.ones(B, N, dtype=torch.float32, device=q.device)
+    elif key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, N):
+        raise ValueError(f"key_padding_mask must be bool (B={B}, N={N}), got {key_padding_mask.dtype} "
+                         f"{tuple(key_padding_mask.shape)}")
+    else:
+        w = key_padding_mask.float()
+    qm, _ = _block_means(q.float(), block_size, w)
+    km, kcnt = _block_means(k.float(), block_size, w)
+    km = km.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (qm @ km.transpose(-1, -2)).double()  # (B, Hq, nb, nb): one batched matmul
+    scores = scores.masked_fill((kcnt == 0)[:, None, None, :], -math.inf)  # key blocks of padding only
+    return BlockLayout(select_blocks(scores, sparsity, causal, budget), block_size, N, causal)
 
 
 def l1_attention_penalty(attn: torch.Tensor, lam: float = 0.01, block_size: int | None = None,

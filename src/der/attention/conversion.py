@@ -68,8 +68,10 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
         backend: kernel backend of :func:`block_sparse_attention`.
         layouts: precomputed static layouts ``{site name: BlockLayout}`` (e.g. from a saved handle).
         budget: ``"head"`` | ``"row"`` block budget (default: the config's); see :mod:`der.attention.rules`.
-        rule: static layouts from the anchors' soft assignments (``"anchors"``, the paper's) or from the
-            model's own attention on ``calib_inputs`` (``"attention"``; see the module docstring).
+        rule: layouts from the anchors' soft assignments (``"anchors"``, the paper's; static or dynamic),
+            from the model's own attention on ``calib_inputs`` (``"attention"``, static; see the module
+            docstring), or training-free per input from mean-pooled query/key blocks (``"moba"``, dynamic:
+            :func:`~der.attention.baselines.moba_layout`; the anchors are not used).
 
     Undo with :func:`revert`.
     """
@@ -87,6 +89,8 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
         raise ValueError("model is already converted; call der.attention.revert(model) first")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "moba" and mode != "dynamic":
+        raise ValueError('rule="moba" routes every input by its own queries and keys: pass mode="dynamic"')
     if rule == "attention" and (mode != "static" or (calib_inputs is None and layouts is None)):
         raise ValueError('rule="attention" builds static layouts from calib_inputs: pass mode="static" and calib_inputs=...')
     state = ConvertState(handle, float(sparsity), int(block_size), mode, backend, budget, rule)
@@ -114,7 +118,7 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
     install(state, model)
     if rule == "attention" and layouts is None:
         _calibrate_attention(model, state, calib_inputs)
-    handle.keep_keys = mode == "dynamic"
+    handle.keep_keys = mode == "dynamic" and rule != "moba"  # moba reads q, k at the attention call
     handle.regularize = False
     handle.converted = state
     return handle

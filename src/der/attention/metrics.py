@@ -1,5 +1,15 @@
-r"""Attention efficiency metrics: sparsity (App. G.13), mean block length (Table 4), FLOPs, latency, peak
-memory. Block sparsity itself is :meth:`der.attention.layout.BlockLayout.sparsity` (defined once).
+r"""Attention metrics: attention-mass recall of a layout and its oracle, sparsity (App. G.13), mean block
+length (Table 4), FLOPs, latency, peak memory. Block sparsity itself is
+:meth:`der.attention.layout.BlockLayout.sparsity` (defined once).
+
+Attention-mass recall of a layout :math:`\mathcal{K}` for head :math:`h` is the fraction of the dense
+attention probability that the kernel keeps, over the valid queries :math:`t` of every sequence :math:`b`:
+
+.. math:: R_h = \frac{\sum_{b,t} \sum_{s \in \mathcal{K}_{bh}(t)} p_{bhts}}{\sum_{b,t} \sum_s p_{bhts}},
+
+and overall :math:`R = \sum_h (\text{numerator}) / \sum_h (\text{denominator})`. The oracle recall is the
+largest :math:`R_h` any layout with the same number of kept valid blocks per head can reach: the top blocks
+by attention mass.
 
 FLOPs formula (documented here, used by :func:`block_sparse_attention_flops` and :func:`model_flops`):
 the dense attention op's FLOPs :math:`F_\text{attn}` are counted by ``torch.utils.flop_counter`` (on meta
@@ -18,16 +28,20 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from der.attention.layout import BlockLayout, as_layout
+from der.attention.layout import BlockLayout, as_layout, block_mass
 
 __all__ = [
+    "Recall",
+    "attention_mass_recall",
+    "oracle_recall",
+    "oracle_layout",
     "attention_sparsity",
     "mean_block_length",
     "dense_attention_flops",
@@ -36,6 +50,83 @@ __all__ = [
     "median_latency",
     "peak_memory",
 ]
+
+class Recall(NamedTuple):
+    """Attention-mass recall: ``overall`` (float) and ``per_head`` (float64 ``(H,)``)."""
+
+    overall: float
+    per_head: torch.Tensor
+
+
+def _check_probs(probs: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
+    """``probs (B, H, Nq, Nk)`` as float64 with padded query rows zeroed (``query_mask (B, Nq)``, True = real)."""
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 4 or not probs.is_floating_point():
+        got = f"{probs.dtype} {tuple(probs.shape)}" if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise ValueError(f"probs must be floating attention probabilities (B, H, Nq, Nk), got {got}")
+    if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
+        raise ValueError("probs must be finite and non-negative (attention probabilities)")
+    p = probs.detach().double()
+    if query_mask is not None:
+        if query_mask.dtype != torch.bool or tuple(query_mask.shape) != (p.shape[0], p.shape[2]):
+            raise ValueError(f"query_mask must be bool (B={p.shape[0]}, Nq={p.shape[2]}), got "
+                             f"{query_mask.dtype} {tuple(query_mask.shape)}")
+        p = p * query_mask[:, None, :, None].to(p.device)
+    return p
+
+
+def _recall(inside: torch.Tensor, total: torch.Tensor) -> Recall:
+    if bool((total <= 0).any()):
+        raise ValueError("a head has no attention mass on valid queries (all queries masked?)")
+    return Recall(float(inside.sum() / total.sum()), inside / total)
+
+
+def attention_mass_recall(probs: torch.Tensor, layout: BlockLayout, query_mask: torch.Tensor | None = None
+                          ) -> Recall:
+    """Fraction of dense attention mass inside ``layout`` (module docstring), per head and overall.
+
+    Args:
+        probs: dense attention probabilities ``(B, H, Nq, Nk)`` (e.g. ``output_attentions``).
+        layout: :class:`~der.attention.layout.BlockLayout` with 1 or ``B`` batch rows and ``H`` heads for
+            these lengths (its causal region applies).
+        query_mask: optional bool ``(B, Nq)``; padded queries (False) are not counted.
+    """
+    layout = as_layout(layout)
+    p = _check_probs(probs, query_mask)
+    B, H, nq, nk = p.shape
+    if (layout.q_len, layout.kv_len) != (nq, nk) or layout.heads != H or layout.batch not in (1, B):
+        raise ValueError(f"layout {layout!r} does not fit probs of shape {tuple(p.shape)}")
+    inside = (p * layout.to(p.device).to_dense()).sum((0, 2, 3))
+    return _recall(inside, p.sum((0, 2, 3)))
+
+
+def oracle_layout(probs: torch.Tensor, budget: BlockLayout, query_mask: torch.Tensor | None = None
+                  ) -> BlockLayout:
+    """The layout of ``budget``'s size with the most attention mass: per head (and per batch row when
+    ``budget`` has ``B`` rows) the ``K`` valid blocks of largest mass, ``K`` = that head's kept valid blocks
+    in ``budget``. A ``budget`` with one batch row gives one layout shared by the batch (static)."""
+    budget = as_layout(budget)
+    p = _check_probs(probs, query_mask)
+    B, H, nq, nk = p.shape
+    if (budget.q_len, budget.kv_len) != (nq, nk) or budget.heads != H or budget.batch not in (1, B):
+        raise ValueError(f"budget {budget!r} does not fit probs of shape {tuple(p.shape)}")
+    if budget.causal:  # only the allowed (causal) part of a diagonal block counts
+        p = p * torch.ones(nq, nk, dtype=torch.bool, device=p.device).tril(nk - nq)
+    mass = block_mass(p, budget.block_size)
+    if budget.batch == 1:
+        mass = mass.sum(0, keepdim=True)
+    valid = budget.valid_blocks().to(p.device)
+    flat = mass.masked_fill(~valid, -1.0).flatten(-2)  # invalid blocks never chosen (mass >= 0 elsewhere)
+    k = budget.kept_blocks().flatten(-2).sum(-1).to(p.device)  # (Bl, H)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=p.device).expand_as(order))
+    keep = (rank < k[..., None]).view(mass.shape)
+    return BlockLayout(keep.to(budget.device), budget.block_size, (nq, nk), budget.causal)
+
+
+def oracle_recall(probs: torch.Tensor, budget: BlockLayout, query_mask: torch.Tensor | None = None) -> Recall:
+    """Recall of :func:`oracle_layout` — the best any layout with ``budget``'s kept blocks per head can do."""
+    return attention_mass_recall(probs, oracle_layout(probs, budget, query_mask), query_mask)
+
 
 def attention_sparsity(attn: torch.Tensor, threshold: float = 0.01, mask: torch.Tensor | None = None) -> float:
     """Fraction of attention weights below ``threshold`` (App. G.13: threshold 0.01).
