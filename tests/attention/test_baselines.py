@@ -163,7 +163,8 @@ def _moba_reference(q, k, bs, sparsity, causal, kpm):
                 sc = {}
                 for j in valid:
                     kj = mean(k[b, kh], j)
-                    sc[j] = -math.inf if kj is None or qi is None else float(qi @ kj)
+                    # a block of padding only: its key never scores; its query pools to 0 (no preference)
+                    sc[j] = -math.inf if kj is None else (0.0 if qi is None else float(qi @ kj))
                 others = sorted((j for j in valid if j != i), key=lambda j: (-sc[j], abs(i - j)))
                 for j in [i] + others[:nkeep - 1]:
                     out[b, h, i, j] = True

@@ -382,7 +382,8 @@ def test_moba_rule_routes_each_input_and_equals_masked_dense(name):
     assert not torch.allclose(outs["gather"], ref, atol=1e-4)
     q, k, lay = seen[0]
     assert lay.shape[0] == 2 and lay.causal == (name == "llama")
-    assert torch.equal(lay.mask, moba_layout(q, k, 16, 0.5, causal=lay.causal).mask)  # k here: GQA-expanded
+    want = moba_layout(q, k, 16, 0.5, causal=lay.causal, budget=h.converted.budget)  # k here: GQA-expanded
+    assert torch.equal(lay.mask, want.mask)
     model, fwd, x, ref, h = _setup(name)
     with pytest.raises(ValueError, match="dynamic"):
         convert(model, sparsity=0.5, rule="moba")
