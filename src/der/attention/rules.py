@@ -49,9 +49,9 @@ import math
 
 import torch
 
-from der import functional as DF
 from der.attention.config import BUDGETS, Budget
 from der.attention.layout import BlockLayout, num_blocks
+from der.functional import soft_assign
 
 __all__ = ["anchor_block_scores", "select_blocks", "static_layout", "dynamic_layout",
            "attention_rule_layout", "query_routing"]
@@ -172,7 +172,7 @@ def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, s
     """Per-input ``(B, H, nb, nb)`` layout: ``keys: (B, H, N, Dh)``, ``anchors: (H, k, Dh)``; with
     ``queries: (B, Hq, N, Dh)`` the query blocks are routed by :func:`query_routing` (``Hq`` heads out)."""
     with torch.no_grad():
-        p = DF.soft_assign(keys, anchors, alpha=alpha, metric=metric)
+        p = soft_assign(keys, anchors, alpha=alpha, metric=metric)
         w = None if key_mask is None else key_mask[:, None, :].expand(p.shape[:-1])
         r = None
         if queries is not None:
