@@ -132,8 +132,8 @@ def _recall_loops(p, mask, bs, causal, qmask=None):
     return inside / total, float(inside.sum() / total.sum())
 
 
-@settings(max_examples=15, deadline=None)
-@given(n=st.integers(4, 20), bs=st.sampled_from([2, 3, 4]), causal=st.booleans(), per_input=st.booleans(),
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(4, 12), bs=st.sampled_from([2, 3, 4]), causal=st.booleans(), per_input=st.booleans(),
        seed=st.integers(0, 999))
 def test_attention_mass_recall_matches_float64_loops(n, bs, causal, per_input, seed):
     from der.attention.metrics import attention_mass_recall
@@ -156,9 +156,9 @@ def test_attention_mass_recall_matches_float64_loops(n, bs, causal, per_input, s
 
 
 @settings(max_examples=12, deadline=None)
-@given(n=st.integers(4, 12), bs=st.sampled_from([2, 4]), causal=st.booleans(), seed=st.integers(0, 999))
+@given(n=st.integers(5, 12), bs=st.sampled_from([4, 5]), causal=st.booleans(), seed=st.integers(0, 999))
 def test_oracle_recall_is_the_best_layout_of_the_same_budget(n, bs, causal, seed):
-    """Brute force over every layout with the same kept valid blocks per head (tiny grids)."""
+    """Brute force over every layout with the same kept valid blocks per head (grids of at most 3x3)."""
     import itertools
 
     from der.attention.metrics import attention_mass_recall, oracle_layout, oracle_recall
