@@ -111,3 +111,34 @@ def test_fit_exact_resume_after_interruption(tmp_path):
     with pytest.raises(ValueError, match="config hash"):
         fit(model, opt, loader, _loss, epochs=3, out_dir=tmp_path / "cut", config=Cfg(width=9), progress=False,
             tensorboard=False)
+
+
+def test_logger_keep_until_drops_later_rows_atomically(tmp_path):
+    with RunLogger(tmp_path, tensorboard=False) as log:
+        for s in range(1, 6):
+            log.log(s, {"loss": float(s)})
+    with RunLogger(tmp_path, tensorboard=False, keep_until=3) as log:
+        assert log.read() == [(1, "loss", 1.0), (2, "loss", 2.0), (3, "loss", 3.0)]
+        log.log(4, {"loss": 0.5})
+        assert log.read()[-1] == (4, "loss", 0.5) and len(log.read()) == 4
+    assert not list(tmp_path.glob(".metrics.csv*.tmp"))
+
+
+def test_resume_does_not_repeat_rows_of_the_interrupted_epoch(tmp_path):
+    model, opt, sched, loader = _setup()
+    fit(model, opt, loader, _loss, epochs=3, out_dir=tmp_path / "full", config=Cfg(), scheduler=sched, progress=False,
+        tensorboard=False)
+    with RunLogger(tmp_path / "full", tensorboard=False) as log:
+        full_rows = [(s, k) for s, k, _ in log.read()]
+    model, opt, sched, loader = _setup()
+    fit(model, opt, loader, _loss, epochs=2, out_dir=tmp_path / "cut", config=Cfg(), scheduler=sched, progress=False,
+        tensorboard=False)
+    with RunLogger(tmp_path / "cut", tensorboard=False) as log:  # what a killed third epoch leaves behind
+        log.log(9, {"loss": 1.0})
+        log.log(10, {"loss": 1.0})
+    model, opt, sched, loader = _setup(seed=123)
+    fit(model, opt, loader, _loss, epochs=3, out_dir=tmp_path / "cut", config=Cfg(), scheduler=sched, progress=False,
+        tensorboard=False)
+    with RunLogger(tmp_path / "cut", tensorboard=False) as log:
+        rows = [(s, k) for s, k, _ in log.read()]
+    assert rows == full_rows and len(rows) == len(set(rows))

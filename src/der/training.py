@@ -184,12 +184,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 class RunLogger:
-    """Scalar logger: ``metrics.csv`` (``step,key,value``, appended across resumes) + TensorBoard events."""
+    """Scalar logger: ``metrics.csv`` (``step,key,value``, appended across resumes) + TensorBoard events.
 
-    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = True) -> None:
+    ``keep_until``: on open, drop the rows of ``metrics.csv`` logged after this step (a resumed run passes
+    its checkpoint's step, so the rows of an interrupted epoch are not repeated); the file is rewritten
+    atomically. ``None`` keeps every row.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = True, keep_until: int | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.out_dir / "metrics.csv"
+        if keep_until is not None and self.csv_path.exists():
+            self._truncate(int(keep_until))
         new = not self.csv_path.exists()
         self._fh = open(self.csv_path, "a", newline="")
         self._csv = csv.writer(self._fh)
@@ -200,6 +207,22 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+
+    def _truncate(self, keep_until: int) -> None:
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        header, body = rows[0], rows[1:]
+        kept = [r for r in body if len(r) == 3 and r[0].lstrip("-").isdigit() and int(r[0]) <= keep_until]
+        if len(kept) == len(body):
+            return
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([header, *kept])
+
+        atomic_write(self.csv_path, write)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
@@ -285,7 +308,7 @@ def fit(
     prepared = acc.prepare(model, optimizer, train_loader, *([scheduler] if scheduler is not None else []))
     pmodel, popt, ploader = prepared[:3]
     psched = prepared[3] if scheduler is not None else None
-    logger = RunLogger(out, tensorboard=tensorboard) if acc.is_main_process else None
+    logger = RunLogger(out, tensorboard=tensorboard, keep_until=step) if acc.is_main_process else None
     metrics: dict[str, float] = {}
     try:
         for epoch in range(start_epoch, epochs):
