@@ -14,6 +14,7 @@ integers are rounded to the nearest float64 (the geometry predicates are exact o
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+_EXACT_INT = 2**53  # the largest magnitude below which every integer is a float64
 
 
 # --------------------------------------------------------------------------- tensors
@@ -135,6 +137,11 @@ def as_points(points: object, d: int | Sequence[int] | None = 2, name: str = "po
     if arr.shape[0] < min_rows:
         least = "one point" if min_rows == 1 else f"{min_rows} points"
         raise ValueError(f"{name} must contain at least {least}, got shape {arr.shape}")
+    if arr.dtype.kind in "iu" and arr.size:
+        big = max(abs(int(arr.max())), abs(int(arr.min())))
+        if big > _EXACT_INT:
+            warnings.warn(f"{name}: integer coordinates up to {big} exceed 2**53 and are rounded to float64; "
+                          "results are exact for the rounded points, not the given integers", stacklevel=3)
     arr = np.ascontiguousarray(arr, dtype=np.float64)
     if check_finite and arr.size and not np.isfinite(arr).all():
         bad = int(np.count_nonzero(~np.isfinite(arr).all(axis=1)))
