@@ -215,3 +215,18 @@ def test_minilm_embeddings_and_sts(minilm):
     emb = sentence_embeddings(model, tok, load_sentences()[:4], max_length=128)
     padded = sentence_embeddings(model, tok, load_sentences()[:4], max_length=128, pad_to_max_length=True)
     assert cosine_to_reference(padded, emb).min > 0.9999
+
+
+@pytest.mark.slow
+def test_minilm_quality_experiment_rows(minilm):
+    from der_lab.experiments.minilm_quality import RULES, run
+
+    res = run(seq_lens=[64], sparsities=[0.5], n_eval=3, n_pairs=4, sts_seq_lens=[64])
+    rows = res["by_seq_len"]["64"]
+    assert set(rows) == {"dense"} | {f"{m}/{r}@0.5" for m, r in RULES}
+    assert -1 <= rows["dense"]["sts_spearman_vs_gold"] <= 1
+    for key in ("static/anchors@0.5", "static/attention@0.5"):
+        assert abs(rows[key]["layout_block_sparsity"] - 0.5) < 1e-6
+    for key, r in rows.items():
+        if key != "dense":
+            assert r["dense_fallbacks"] == {} and 0 < r["cos_min"] <= r["cos_mean"] <= 1 + 1e-6
