@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from der_lab.harness import result_path
+from der_lab.harness import result_path, write_json
 
 __all__ = ["RULES", "main", "run"]
 
@@ -114,8 +114,6 @@ def run(seq_lens=(128, 256), sparsities=(0.5, 0.75), n_eval: int | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from der.training import write_json
-
     ap = argparse.ArgumentParser(prog="der exp minilm-quality", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="24 sentences, 24 pairs, seq 128 only")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256])
