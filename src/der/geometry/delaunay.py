@@ -94,12 +94,18 @@ def _rotate_sort(tri: np.ndarray, n: int) -> np.ndarray:
 
 
 def _qhull(P: np.ndarray) -> np.ndarray:
+    """QHull's triangles; where QHull gives up (flat input), empty if the points are exactly collinear
+    (the exact engine finds no triangle), else a ``ValueError`` instead of a silently empty answer."""
     from scipy.spatial import Delaunay, QhullError
 
     try:
         return Delaunay(P).simplices
-    except (QhullError, ValueError):
-        return np.zeros((0, 3), dtype=np.int64)
+    except (QhullError, ValueError) as e:
+        if len(_sweep(P)) == 0:
+            return np.zeros((0, 3), dtype=np.int64)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"qhull cannot triangulate these nearly collinear points ({reason}); "
+                         "method='sweep' (exact) can") from None
 
 
 def _sweep(P: np.ndarray) -> np.ndarray:
