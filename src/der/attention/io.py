@@ -1,9 +1,10 @@
-"""Save / load DER attention state (anchors, frozen layouts) as safetensors + JSON.
+"""Save / load DER attention state (anchors, frozen layouts) as one safetensors file.
 
-``save(handle, path)`` writes ``path.safetensors`` (``anchors/<site>``, ``layouts/<site>``) and
-``path.json`` (config, site names, α step, conversion settings). ``load(model, path)`` injects the same
-config into a fresh copy of the architecture, copies the anchors in and, if the saved handle was converted,
-converts with the saved layouts (static) or settings (dynamic).
+``save(handle, path)`` writes ``path.safetensors`` atomically (:func:`der._io.save_state`): tensors
+``anchors/<site>``, ``layouts/<site>`` and, in its metadata, the config, site names, α step and conversion
+settings. ``load(model, path)`` injects the same config into a fresh copy of the architecture, copies the
+anchors in and, if the saved handle was converted, converts with the saved layouts (static) or settings
+(dynamic). Files of the older two-file layout (``path.safetensors`` + ``path.json``) still load.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from der._io import load_state, save_state
 from der.attention.config import DERConfig
 from der.attention.injection import DERHandle, inject
 from der.attention.layout import BlockLayout
 
-__all__ = ["save", "load", "FORMAT"]
+__all__ = ["save", "load", "FORMAT", "STATE_KIND"]
 
-FORMAT = "der.attention/1"
+FORMAT = "der.attention/1"  # the legacy two-file layout's JSON "format"
+STATE_KIND = "der.attention.DERHandle"
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -29,12 +32,9 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def save(handle: DERHandle, path: str | Path) -> tuple[Path, Path]:
-    """Write anchors (+ static layouts) and metadata; returns the two file paths."""
-    from safetensors.torch import save_file
-
-    st_path, js_path = _paths(path)
-    st_path.parent.mkdir(parents=True, exist_ok=True)
+def save(handle: DERHandle, path: str | Path) -> Path:
+    """Write anchors (+ static layouts) and metadata as one file, atomically; returns its path."""
+    st_path, _ = _paths(path)
     tensors = {k: v.cpu().contiguous() for k, v in handle.anchor_tensors().items()}
     conv = handle.converted
     meta: dict = {"format": FORMAT, "config": handle.config.to_dict(), "arch": handle.arch,
@@ -43,20 +43,33 @@ def save(handle: DERHandle, path: str | Path) -> tuple[Path, Path]:
         meta["converted"] = {**conv.settings(), "layouts": {n: lay.meta() for n, lay in conv.layouts.items()}}
         for name, lay in conv.layouts.items():
             tensors[f"layouts/{name}"] = lay.mask.cpu().to(torch.uint8).contiguous()
-    save_file(tensors, str(st_path))
-    js_path.write_text(json.dumps(meta, indent=1))
-    return st_path, js_path
+    return save_state(st_path, tensors, meta, kind=STATE_KIND)
+
+
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    st_path, js_path = _paths(path)
+    try:
+        tensors, meta = load_state(st_path, kind=STATE_KIND)
+        return tensors, meta, st_path
+    except ValueError:
+        if not (js_path.is_file() and st_path.is_file()):
+            raise
+    try:  # the legacy layout: tensors in path.safetensors, metadata in path.json
+        from safetensors.torch import load_file
+
+        meta = json.loads(js_path.read_text())
+        tensors = load_file(str(st_path))
+    except Exception as e:  # noqa: BLE001 - any damage is reported with the file's name
+        raise ValueError(f"{st_path} / {js_path}: not a readable DER attention file ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{js_path} is not a DER attention file (format={got!r}, expected {FORMAT!r})")
+    return tensors, meta, st_path
 
 
 def load(model: nn.Module, path: str | Path) -> DERHandle:
     """Inject the saved config into ``model``, restore anchors, and re-convert if it was converted."""
-    from safetensors.torch import load_file
-
-    st_path, js_path = _paths(path)
-    meta = json.loads(js_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{js_path} is not a DER attention file (format={meta.get('format')!r}, expected {FORMAT!r})")
-    tensors = load_file(str(st_path))
+    tensors, meta, st_path = _read(path)
     handle = inject(model, DERConfig.from_dict(meta["config"]))
     names = [s.name for s in handle.sites]
     if names != meta["sites"]:
