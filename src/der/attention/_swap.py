@@ -8,6 +8,7 @@ the previous dense implementation and is counted in ``handle.dense_fallbacks`` (
 
 from __future__ import annotations
 
+import copy
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -290,18 +291,44 @@ def _register_hf() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL_NAME, sdpa_mask)
 
 
+def _is_attention(m: nn.Module) -> bool:
+    """An HF attention module (``is_causal`` / a float ``scaling``), not a PEFT wrapper of a projection
+    (LoRA layers carry a ``scaling`` dict and a ``base_layer``)."""
+    if hasattr(m, "base_layer"):
+        return False
+    return hasattr(m, "is_causal") or isinstance(getattr(m, "scaling", None), float)
+
+
+def _own_config(state: ConvertState, hf: nn.Module) -> None:
+    """Give ``hf`` (and every submodule reading the same config objects) a private copy of its config, so
+    setting the attention implementation never reaches another model built from the same config object.
+    The original objects are put back on undo."""
+    from transformers import PretrainedConfig
+
+    memo: dict[int, object] = {}
+    copy.deepcopy(hf.config, memo)
+    for m in hf.modules():
+        old = m.__dict__.get("config")
+        if isinstance(old, PretrainedConfig) and isinstance(memo.get(id(old)), PretrainedConfig):
+            m.__dict__["config"] = memo[id(old)]
+            state._undo.append(lambda m=m, old=old: m.__dict__.__setitem__("config", old))
+
+
 def _swap_hf(state: ConvertState, hf: nn.Module) -> None:
     if not hf._can_set_attn_implementation():
         raise ValueError(f"{type(hf).__name__} does not dispatch through AttentionInterface; no DER swap path")
     _register_hf()
     prev = hf.config._attn_implementation or "sdpa"
-    if prev == IMPL_NAME:
-        raise ValueError("model is already converted")
+    if prev == IMPL_NAME:  # built from the config of a converted model: it never ran block-sparse itself
+        warnings.warn(f"{type(hf).__name__}.config says {IMPL_NAME!r} but this model is not converted (it was "
+                      "built from a converted model's config); treating its attention as 'sdpa'", stacklevel=4)
+        prev = "sdpa"
+    _own_config(state, hf)
     hf.set_attn_implementation(IMPL_NAME)
     state.hf_models.append((hf, prev))
     state._undo.append(lambda: hf.set_attn_implementation(prev))
     for m in hf.modules():  # layers without DER keep the previous implementation
-        if hasattr(m, "is_causal") or hasattr(m, "scaling"):
+        if _is_attention(m):
             object.__setattr__(m, "_der_prev_impl", prev)
             state._undo.append(lambda m=m: m.__dict__.pop("_der_prev_impl", None))
 

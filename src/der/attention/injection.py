@@ -42,6 +42,7 @@ from der.attention._targets import (
     _layer_index,
     _query_module,
     _resolve,
+    check_key_targets,
     list_matches,
     read_keys,
 )
@@ -385,6 +386,7 @@ def inject(model: nn.Module, config: DERConfig | None = None) -> DERHandle:
     config = config or DERConfig()
     arch, _, key_kind = _resolve(model, config)
     names = list_matches(model, config)
+    check_key_targets(names, config, arch)
     n = config.seq_len or infer_seq_len(model)
     k = config.resolve_num_anchors(n)
     ref = next((p for p in model.parameters()), None)
