@@ -41,6 +41,8 @@ class ConvertState:
     rule: str = "anchors"
     collecting: bool = False  # rule="attention" calibration: dense attention, block masses accumulated
     layouts: dict[str, BlockLayout] = field(default_factory=dict)  # site name → (1, H, nb, nb) (static)
+    distill: dict[str, float] = field(default_factory=dict)  # layer-term weights (der.attention.distill)
+    bypass: bool = False  # run the previous dense attention, uncounted (der.attention.distill.dense)
     dense_layers: list[str] = field(default_factory=list)
     hf_models: list[tuple[nn.Module, str]] = field(default_factory=list)  # (model, previous impl)
     timm_modules: list[nn.Module] = field(default_factory=list)
@@ -51,6 +53,27 @@ class ConvertState:
         for fn in reversed(self._undo):
             fn()
         self._undo.clear()
+
+    def distill_loss(self) -> torch.Tensor:
+        """Σ weight · layer term over the converted layers that ran in the last forward (mean over layers);
+        a zero tensor when no term is enabled or recorded."""
+        parts = []
+        for s in self.handle.sites:
+            terms = s.extra.get("distill_terms")
+            if terms:
+                parts.append(sum(self.distill[name] * val for name, val in terms.items()))
+        if not parts:
+            ref = next((p for p in self.handle.model.parameters()), None)
+            return torch.zeros((), device=None if ref is None else ref.device)
+        return torch.stack(parts).mean()
+
+    def last_terms(self) -> dict[str, float]:
+        """Each layer term of the last forward, unweighted, mean over the layers that recorded it."""
+        acc: dict[str, list[float]] = {}
+        for s in self.handle.sites:
+            for name, val in (s.extra.get("distill_terms") or {}).items():
+                acc.setdefault(name, []).append(float(val.detach()))
+        return {name: sum(v) / len(v) for name, v in acc.items()}
 
     def settings(self) -> dict:
         """The conversion arguments (JSON-able)."""
@@ -157,7 +180,24 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return block_sparse_attention(q, k, v, lay, backend=state.backend, scale=scaling, key_padding_mask=kpm)
+    out = block_sparse_attention(q, k, v, lay, backend=state.backend, scale=scaling, key_padding_mask=kpm)
+    if state.distill and torch.is_grad_enabled():
+        _record_distill(state, site, q, k, lay, mask, scaling, causal)
+    return out
+
+
+def _record_distill(state: ConvertState, site: DERSite, q, k, lay: BlockLayout, mask, scaling,
+                    causal: bool) -> None:
+    """Layer terms of this call into ``site.extra["distill_terms"]`` (see :mod:`der.attention.distill`)."""
+    from der.attention.distill import layer_terms
+
+    weights = {name: w for name, w in state.distill.items() if w > 0}
+    if not weights:
+        return
+    valid = site.key_mask
+    if valid is not None and tuple(valid.shape) != (q.shape[0], q.shape[2]):
+        valid = None
+    site.extra["distill_terms"] = layer_terms(q, k, lay, mask, scaling, causal, valid, weights)
 
 
 # bytes of one score chunk in rule="attention" calibration (a (heads, N, N) float32 slice per sequence)
@@ -211,7 +251,7 @@ def der_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     """HF ``AttentionInterface`` function: block-sparse for converted layers, previous impl otherwise."""
     rec = getattr(module, STATE_ATTR, None)
     prev = getattr(module, "_der_prev_impl", "sdpa")
-    if rec is not None:
+    if rec is not None and not rec[0].bypass:
         state, site = rec
         causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
         out = _sparse_call(state, site, module, query, key, value, attention_mask, dropout, scaling, causal)
@@ -304,7 +344,8 @@ def _timm_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, 
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)  # the k_norm hook captures the keys (dynamic mode)
-    out = _sparse_call(state, site, self, q, k, v, attn_mask, self.attn_drop.p, self.scale, False)
+    out = None if state.bypass else _sparse_call(state, site, self, q, k, v, attn_mask, self.attn_drop.p,
+                                                 self.scale, False)
     if out is None:
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0)
