@@ -17,6 +17,10 @@ Every module here needs ``transformers`` (the ``hf`` extra); ``import der`` neve
 from der._lazy import lazy_getattr
 
 _TABLE = {
+    "DERCallback": ".trainer",
+    "DERTrainerMixin": ".trainer",
+    "DERTrainer": ".trainer",
+    "HANDLE_FILE": ".trainer",
     "save_pretrained": ".pretrained",
     "from_pretrained": ".pretrained",
     "DER_FILE": ".pretrained",
