@@ -110,13 +110,23 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, plain):
         torch.testing.assert_close(pr[k], pf[k], rtol=0, atol=1e-6)
 
 
-def test_converted_model_trains_on_its_task_loss_and_logs_sparsity(tmp_path):
+@pytest.mark.parametrize("plain", [False, True])
+def test_converted_model_trains_with_the_distillation_term_and_logs_sparsity(tmp_path, plain):
+    from der.attention import distill
+
     m = _model().eval()
     convert(m, sparsity=0.5, calib_inputs=[tokens(2, 32)])
     m.train()
-    model, tr = _train(tmp_path, model=m, max_steps=2)
+    cls, cbs = (transformers.Trainer, [DERCallback()]) if plain else (DERTrainer, [])
+    model, tr = _train(tmp_path / "off", model=m, max_steps=1, trainer_cls=cls, callbacks=cbs)
     rows = [r for r in tr.state.log_history if "loss" in r]
-    assert rows and all(r["der/sparsity"] == pytest.approx(0.5, abs=0.1) and "der/loss" not in r for r in rows)
+    assert rows and rows[0]["der/loss"] == 0.0 and rows[0]["der/sparsity"] == pytest.approx(0.5, abs=0.1)
+    distill.enable(m, mass=1.0)  # the attention-mass term of der.attention.distill
+    cbs = [DERCallback()] if plain else []
+    model, tr = _train(tmp_path / "on", model=m, max_steps=2, trainer_cls=cls, callbacks=cbs)
+    rows = [r for r in tr.state.log_history if "loss" in r]
+    assert len(rows) == 2 and all(0 < r["der/distill/mass"] < 1 and r["der/loss"] == pytest.approx(
+        r["der/distill/mass"], rel=1e-5) for r in rows)
     assert get_handle(model).converted is not None
 
 

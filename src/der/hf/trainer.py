@@ -7,12 +7,14 @@
   every training forward (the model must compute its own loss, i.e. receive ``labels``). When the Trainer
   normalises the loss over the whole accumulated batch (``num_items_in_batch`` reaches the model) the term
   is divided by the gradient-accumulation steps, so its weight is λ per optimizer step either way. After
-  :func:`der.attention.convert` nothing is added (the layouts are frozen) and the converted model trains on
-  its task loss alone;
+  :func:`der.attention.convert` ``handle.loss()`` is the distillation layer term
+  (:mod:`der.attention.distill`; zero, and the model trains on its task loss alone, until
+  :func:`der.attention.distill.enable` gives it a weight);
 * **schedule** — ``handle.step()`` once per optimizer step (``on_step_end``);
-* **logs** — at every Trainer log: ``der/loss`` (λ·H, mean since the last log), ``der/entropy`` and
-  ``der/entropy/<layer>`` (H_diff per layer, nats), and after conversion ``der/sparsity`` (mean static
-  layout sparsity) and ``der/dense_fallbacks``. They go into ``trainer.state.log_history`` and the ``logs``
+* **logs** — at every Trainer log: ``der/loss`` (the added term, mean since the last log), ``der/entropy``
+  and ``der/entropy/<layer>`` (H_diff per layer, nats), and after conversion ``der/distill/<term>`` (the
+  unweighted layer terms, when enabled), ``der/sparsity`` (mean static layout sparsity) and
+  ``der/dense_fallbacks``. They go into ``trainer.state.log_history`` and the ``logs``
   of every callback after this one (reporters such as TensorBoard are registered *before* user callbacks:
   use :class:`DERTrainer` for them to see the DER metrics too);
 * **checkpoints** — every checkpoint folder gets :data:`HANDLE_FILE` (:func:`der.attention.io.save`:
@@ -77,11 +79,17 @@ class DERCallback(TrainerCallback):
         self._n = 0
         self._loss = 0.0
         self._layers: dict[str, float] = {}
+        self._distill: dict[str, float] = {}
 
     def record(self, term: torch.Tensor) -> None:
-        """Record one micro-batch's DER term (λ·H) and the per-layer entropies of that forward."""
+        """Record one micro-batch's DER term (λ·H, or the distillation term after conversion) and the
+        per-layer entropies (or unweighted distillation terms) of that forward."""
         self._n += 1
         self._loss += float(term.detach())
+        if self.handle.converted is not None:
+            for k, v in self.handle.converted.last_terms().items():
+                self._distill[k] = self._distill.get(k, 0.0) + v
+            return
         for s in self.handle.sites:
             if s.entropy is not None:
                 key = f"layer_{s.layer}" if s.layer is not None else s.name
@@ -99,6 +107,7 @@ class DERCallback(TrainerCallback):
                 out["der/entropy"] = sum(self._layers.values()) / (len(self._layers) * self._n)
                 if self.log_layers:
                     out.update({f"der/entropy/{k}": v / self._n for k, v in self._layers.items()})
+            out.update({f"der/distill/{k}": v / self._n for k, v in self._distill.items()})
         if h.converted is not None:
             if h.converted.layouts:
                 out["der/sparsity"] = sum(lay.sparsity() for lay in h.converted.layouts.values()) / len(h.converted.layouts)
@@ -109,7 +118,7 @@ class DERCallback(TrainerCallback):
     # ------------------------------------------------------------------ loss hook
     def _loss_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         h = self.handle
-        if not module.training or h.converted is not None or not h.regularize:
+        if not module.training or (h.converted is None and not h.regularize):  # regularization paused
             return output
         loss = output.get("loss") if isinstance(output, dict) else None
         if loss is None:
@@ -201,7 +210,7 @@ class DERTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         h = self.der_handle
-        if model.training and h.converted is None and h.regularize:
+        if model.training and (h.converted is not None or h.regularize):
             term = h.loss()
             self.der_callback.record(term)
             scaled = self.loss_is_scaled_for_ga
