@@ -121,8 +121,10 @@ def test_longer_than_calibrated_and_too_short():
         assert h.dense_fallbacks == {}
         with pytest.warns(UserWarning, match="longer than the calibrated"):
             fwd(model, x)
-        with pytest.raises(ValueError, match="shorter than one block"):
-            fwd(model, x[:, :8])
+        # shorter than one block: the one kept (diagonal) block is everything, so dense is the exact answer
+        short = fwd(model, x[:, :8])
+        revert(model)
+        torch.testing.assert_close(short, fwd(model, x[:, :8]))
 
 
 def test_needs_calibration_and_injection():

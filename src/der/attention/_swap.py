@@ -155,6 +155,8 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
                  causal: bool):
     """Block-sparse attention ``(B, H, N, Dh)`` or ``None`` when it must fall back (reason recorded)."""
     handle = state.handle
+    if q.shape[2] < state.block_size and k.shape[2] < state.block_size:
+        return None  # one (partial) block: the kept diagonal block is all of it, dense is the exact answer
     if state.collecting:
         return _collect_call(site, q, k, v, mask, scaling, causal, state.block_size)
     n = q.shape[2]
