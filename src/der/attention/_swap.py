@@ -8,6 +8,7 @@ the previous dense implementation and is counted in ``handle.dense_fallbacks`` (
 
 from __future__ import annotations
 
+import copy
 import types
 import warnings
 import weakref
@@ -43,6 +44,8 @@ class ConvertState:
     rule: str = "anchors"
     collecting: bool = False  # rule="attention" calibration: dense attention, block masses accumulated
     layouts: dict[str, BlockLayout] = field(default_factory=dict)  # site name → (1, H, nb, nb) (static)
+    distill: dict[str, float] = field(default_factory=dict)  # layer-term weights (der.attention.distill)
+    bypass: bool = False  # run the previous dense attention, uncounted (der.attention.distill.dense)
     dense_layers: list[str] = field(default_factory=list)
     hf_models: list[tuple[nn.Module, str]] = field(default_factory=list)  # (model, previous impl)
     timm_modules: list[nn.Module] = field(default_factory=list)
@@ -55,6 +58,27 @@ class ConvertState:
         for fn in reversed(self._undo):
             fn()
         self._undo.clear()
+
+    def distill_loss(self) -> torch.Tensor:
+        """Σ weight · layer term over the converted layers that ran in the last forward (mean over layers);
+        a zero tensor when no term is enabled or recorded."""
+        parts = []
+        for s in self.handle.sites:
+            terms = s.extra.get("distill_terms")
+            if terms:
+                parts.append(sum(self.distill[name] * val for name, val in terms.items()))
+        if not parts:
+            ref = next((p for p in self.handle.model.parameters()), None)
+            return torch.zeros((), device=None if ref is None else ref.device)
+        return torch.stack(parts).mean()
+
+    def last_terms(self) -> dict[str, float]:
+        """Each layer term of the last forward, unweighted, mean over the layers that recorded it."""
+        acc: dict[str, list[float]] = {}
+        for s in self.handle.sites:
+            for name, val in (s.extra.get("distill_terms") or {}).items():
+                acc.setdefault(name, []).append(float(val.detach()))
+        return {name: sum(v) / len(v) for name, v in acc.items()}
 
     def settings(self) -> dict:
         """The conversion arguments (JSON-able)."""
@@ -273,7 +297,24 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return block_sparse_attention(q, k, v, lay, backend=state.backend, scale=scaling, key_padding_mask=kpm)
+    out = block_sparse_attention(q, k, v, lay, backend=state.backend, scale=scaling, key_padding_mask=kpm)
+    if state.distill and torch.is_grad_enabled():
+        _record_distill(state, site, q, k, lay, mask, scaling, causal)
+    return out
+
+
+def _record_distill(state: ConvertState, site: DERSite, q, k, lay: BlockLayout, mask, scaling,
+                    causal: bool) -> None:
+    """Layer terms of this call into ``site.extra["distill_terms"]`` (see :mod:`der.attention.distill`)."""
+    from der.attention.distill import layer_terms
+
+    weights = {name: w for name, w in state.distill.items() if w > 0}
+    if not weights:
+        return
+    valid = site.key_mask
+    if valid is not None and tuple(valid.shape) != (q.shape[0], q.shape[2]):
+        valid = None
+    site.extra["distill_terms"] = layer_terms(q, k, lay, mask, scaling, causal, valid, weights)
 
 
 # bytes of one score chunk in rule="attention" calibration (a (heads, N, N) float32 slice per sequence)
@@ -327,7 +368,7 @@ def der_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     """HF ``AttentionInterface`` function: block-sparse for converted layers, previous impl otherwise."""
     rec = getattr(module, STATE_ATTR, None)
     prev = getattr(module, "_der_prev_impl", "sdpa")
-    if rec is not None:
+    if rec is not None and not rec[0].bypass:
         state, site = rec
         causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", False))
         out = _sparse_call(state, site, module, query, key, value, attention_mask, dropout, scaling, causal)
@@ -367,18 +408,44 @@ def _register_hf() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL_NAME, sdpa_mask)
 
 
+def _is_attention(m: nn.Module) -> bool:
+    """An HF attention module (``is_causal`` / a float ``scaling``), not a PEFT wrapper of a projection
+    (LoRA layers carry a ``scaling`` dict and a ``base_layer``)."""
+    if hasattr(m, "base_layer"):
+        return False
+    return hasattr(m, "is_causal") or isinstance(getattr(m, "scaling", None), float)
+
+
+def _own_config(state: ConvertState, hf: nn.Module) -> None:
+    """Give ``hf`` (and every submodule reading the same config objects) a private copy of its config, so
+    setting the attention implementation never reaches another model built from the same config object.
+    The original objects are put back on undo."""
+    from transformers import PretrainedConfig
+
+    memo: dict[int, object] = {}
+    copy.deepcopy(hf.config, memo)
+    for m in hf.modules():
+        old = m.__dict__.get("config")
+        if isinstance(old, PretrainedConfig) and isinstance(memo.get(id(old)), PretrainedConfig):
+            m.__dict__["config"] = memo[id(old)]
+            state._undo.append(lambda m=m, old=old: m.__dict__.__setitem__("config", old))
+
+
 def _swap_hf(state: ConvertState, hf: nn.Module) -> None:
     if not hf._can_set_attn_implementation():
         raise ValueError(f"{type(hf).__name__} does not dispatch through AttentionInterface; no DER swap path")
     _register_hf()
     prev = hf.config._attn_implementation or "sdpa"
-    if prev == IMPL_NAME:
-        raise ValueError("model is already converted")
+    if prev == IMPL_NAME:  # built from the config of a converted model: it never ran block-sparse itself
+        warnings.warn(f"{type(hf).__name__}.config says {IMPL_NAME!r} but this model is not converted (it was "
+                      "built from a converted model's config); treating its attention as 'sdpa'", stacklevel=4)
+        prev = "sdpa"
+    _own_config(state, hf)
     hf.set_attn_implementation(IMPL_NAME)
     state.hf_models.append((hf, prev))
     state._undo.append(lambda: hf.set_attn_implementation(prev))
     for m in hf.modules():  # layers without DER keep the previous implementation
-        if hasattr(m, "is_causal") or hasattr(m, "scaling"):
+        if _is_attention(m):
             object.__setattr__(m, "_der_prev_impl", prev)
             state._undo.append(lambda m=m: m.__dict__.pop("_der_prev_impl", None))
 
@@ -394,7 +461,8 @@ def _timm_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, 
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)  # the k_norm hook captures the keys (dynamic mode)
-    out = _sparse_call(state, site, self, q, k, v, attn_mask, self.attn_drop.p, self.scale, False)
+    out = None if state.bypass else _sparse_call(state, site, self, q, k, v, attn_mask, self.attn_drop.p,
+                                                 self.scale, False)
     if out is None:
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0)

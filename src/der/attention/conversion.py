@@ -37,6 +37,7 @@ applied by the kernel (warned, counted as ``"dropout_ignored"``).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -124,10 +125,28 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
     install(state, model)
     if rule == "attention" and layouts is None:
         _calibrate_attention(model, state, calib_inputs)
+    if layouts is None:
+        _warn_unreachable(state)
     handle.keep_keys = mode == "dynamic" and rule != "moba"  # moba reads q, k at the attention call
     handle.regularize = False
     handle.converted = state
     return handle
+
+
+def _warn_unreachable(state: ConvertState) -> None:
+    """Warn once when the static layouts are denser than asked beyond rounding to whole blocks: every head
+    keeps at least its diagonal blocks (:func:`~der.attention.rules.select_blocks`), so with ``nb`` blocks
+    the sparsity is at most ``1 - nb / valid blocks`` (0.875 for 8 blocks, non-causal)."""
+    lays = list(state.layouts.values())
+    if not lays:
+        return
+    got = [lay.sparsity() for lay in lays]
+    unit = min(lay.n_blocks[1] if state.budget == "row" else int(lay.valid_blocks().sum()) for lay in lays)
+    if state.sparsity - min(got) > 0.5 / max(unit, 1) + 1e-9:
+        warnings.warn(f"convert: sparsity={state.sparsity:g} is not reachable with {lays[0].n_blocks[1]} blocks "
+                      f"per row (the diagonal blocks are always kept); achieved {min(got):.4g}"
+                      f"{'' if max(got) == min(got) else f'–{max(got):.4g}'} (summary(handle)['layout_sparsity']). "
+                      "Use a smaller block_size or longer calibration inputs for more blocks.", stacklevel=3)
 
 
 def revert(model: nn.Module) -> DERHandle:
