@@ -42,7 +42,10 @@ def save(handle: DERHandle, path: str | Path) -> Path:
     if conv is not None:
         meta["converted"] = {**conv.settings(), "layouts": {n: lay.meta() for n, lay in conv.layouts.items()}}
         for name, lay in conv.layouts.items():
-            tensors[f"layouts/{name}"] = lay.mask.cpu().to(torch.uint8).contiguous()
+            t = lay.tensors()
+            tensors[f"layouts/{name}"] = t["mask"]
+            if "scores" in t:
+                tensors[f"layout_scores/{name}"] = t["scores"]
     return save_state(st_path, tensors, meta, kind=STATE_KIND)
 
 
@@ -108,9 +111,10 @@ def _restore(handle: DERHandle, tensors: dict[str, torch.Tensor], meta: dict, st
             for s in handle.sites:
                 mask = tensors[f"layouts/{s.name}"].bool()
                 if s.name in lay_meta:
-                    layouts[s.name] = BlockLayout.from_meta(mask, lay_meta[s.name])
+                    layouts[s.name] = BlockLayout.from_meta(mask, lay_meta[s.name], tensors.get(f"layout_scores/{s.name}"))
                 else:  # files written before layouts carried their metadata: whole blocks, causal as the layer
                     layouts[s.name] = BlockLayout(mask, conv["block_size"], None,
                                                   bool(getattr(s.attention, "is_causal", False)))
         convert(handle.model, conv["sparsity"], conv["block_size"], conv["mode"], backend=conv["backend"],
-                layouts=layouts, budget=conv.get("budget"), rule=conv.get("rule", "anchors"))
+                layouts=layouts, budget=conv.get("budget"), rule=conv.get("rule", "anchors"),
+                min_seq_len=conv.get("min_seq_len", "auto"))
