@@ -11,11 +11,14 @@ from torch import nn
 
 from der.attention.config import ARCH_DEFAULTS, DERConfig, detect_architecture
 
-__all__ = ["list_matches", "read_keys"]
+__all__ = ["list_matches", "read_keys", "check_key_targets"]
 
 ANCHOR_ATTR = "der_anchors"
 _SKIP_COMPONENTS = ("base_layer", ANCHOR_ATTR)
 _CANDIDATE_HINTS = ("key", "k_proj", "qkv", "c_attn", "k_norm", "attn", "attention")
+# last name components of modules that are certainly not key projections (queries, values, outputs, MLPs)
+_NOT_KEYS = frozenset("query value q_proj v_proj o_proj out_proj c_proj q_norm dense output fc1 fc2 gate_proj "
+                      "up_proj down_proj mlp c_fc".split())
 
 
 # --------------------------------------------------------------------------- matching
@@ -88,6 +91,22 @@ def list_matches(model: nn.Module, config: DERConfig | None = None) -> list[str]
             f"Candidates: {cands[:24] or names[:24]}"
         )
     return found
+
+
+def check_key_targets(names: list[str], config: DERConfig, arch: str) -> None:
+    """Refuse matches that are not key projections: DER regularizes keys (Sec. 3), and e.g.
+    ``target_modules=["self.query"]`` would silently regularize the queries. Skipped when the config names
+    its own ``key_kind`` (a custom model whose key module is named differently)."""
+    if config.target_modules is None or config.key_kind is not None:
+        return
+    spec = ARCH_DEFAULTS.get(arch)
+    want = sorted({t.rsplit(".", 1)[-1] for t in spec.target_modules}) if spec is not None else None
+    bad = [n for n in names if n.rsplit(".", 1)[-1] in _NOT_KEYS]
+    if bad:
+        hint = f"the keys of {arch!r} models come from modules named {want}" if want else "match key projections"
+        raise ValueError(f"target_modules={config.target_modules!r} matched {bad[:4]}, which "
+                         f"{'is' if len(bad) == 1 else 'are'} not key projection{'s' if len(bad) > 1 else ''}: DER "
+                         f"regularizes attention keys ({hint}). Pass DERConfig(key_kind=...) to hook them anyway.")
 
 
 # --------------------------------------------------------------------------- key readers

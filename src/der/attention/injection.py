@@ -42,6 +42,7 @@ from der.attention._targets import (
     _layer_index,
     _query_module,
     _resolve,
+    check_key_targets,
     list_matches,
     read_keys,
 )
@@ -158,6 +159,7 @@ class DERHandle:
         self._key_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         for s in self.sites:
             s.entropy = s.pending = None
+            s.extra.pop("distill_terms", None)
 
     def _make_hook(self, site: DERSite):
         def hook(module, inputs, output):
@@ -294,7 +296,12 @@ class DERHandle:
         """λ·H with H the mean H_diff over layers, heads and sequences of the last forward.
 
         Anchor sets whose layer did not run contribute ``0·Σ anchors`` so every anchor gets a gradient.
+        After :func:`~der.attention.convert` the keys are no longer regularized: the loss is the weighted
+        sum of the distillation layer terms of the last forward (:mod:`der.attention.distill`; zero until
+        :func:`der.attention.distill.enable` sets a weight).
         """
+        if self.converted is not None:
+            return self.converted.distill_loss() + zero_touch(self.parameters())
         self._compute_pending()
         ent = [s.entropy.mean() for s in self.sites if s.entropy is not None]
         if not ent and self.regularize and not self.active:  # an off-step of `every`: keep anchors in the graph
@@ -379,6 +386,7 @@ def inject(model: nn.Module, config: DERConfig | None = None) -> DERHandle:
     config = config or DERConfig()
     arch, _, key_kind = _resolve(model, config)
     names = list_matches(model, config)
+    check_key_targets(names, config, arch)
     n = config.seq_len or infer_seq_len(model)
     k = config.resolve_num_anchors(n)
     ref = next((p for p in model.parameters()), None)
