@@ -146,3 +146,14 @@ def test_minilm_round_trip(tmp_path):
     back = from_pretrained(AutoModel, tmp_path)
     with torch.no_grad():
         assert torch.equal(back(**batch).last_hidden_state, ref)
+
+
+def test_loading_with_another_head_class_names_the_saved_class(tmp_path):
+    from transformers import AutoModel
+
+    model = tiny_gpt2()
+    inject(model, DERConfig(seq_len=64, block_size=16))
+    model(tokens())
+    save_pretrained(model, tmp_path)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        from_pretrained(AutoModel, tmp_path)  # GPT2Model: layer names lack the "transformer." prefix

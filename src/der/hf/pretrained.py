@@ -97,6 +97,22 @@ def from_pretrained(cls: Any, folder: str | Path, *, base_model: nn.Module | Non
     else:
         model = cls.from_pretrained(str(folder), **kwargs)
     model.eval()
-    der_io.load(model, der_path)
+    try:
+        der_io.load(model, der_path)
+    except ValueError as e:
+        if "do not match" not in str(e):
+            raise
+        saved = _saved_class(folder)
+        raise ValueError(f"{e}. The DER state names layers of the class the folder was saved as"
+                         f"{f' ({saved})' if saved else ''}; load it with that class, not "
+                         f"{type(model).__name__}") from None
     return model
+
+
+def _saved_class(folder: Path) -> str | None:
+    try:
+        names = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return names[0] if names else None
 
