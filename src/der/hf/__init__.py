@@ -24,6 +24,7 @@ _TABLE = {
     "save_pretrained": ".pretrained",
     "from_pretrained": ".pretrained",
     "DER_FILE": ".pretrained",
+    "sparsify_folder": ".sparsify",
 }
 __all__ = sorted(_TABLE)
 __getattr__ = lazy_getattr(__name__, _TABLE)
