@@ -52,7 +52,8 @@ def test_min_seq_len_and_auto():
     h.dense_fallbacks.clear()
     _out(model, x)  # 64 tokens: block-sparse
     assert h.dense_fallbacks == {}
-    assert _swap.resolve_min_seq_len("auto", 16) == _swap.AUTO_MIN_BLOCKS * 16
+    assert _swap.resolve_min_seq_len("auto", 16) == max(_swap.AUTO_MIN_SEQ_LEN, 32)
+    assert _swap.resolve_min_seq_len("auto", 1024) == 2048
     for bad in (-1, 1.5, "long", True):
         with pytest.raises(ValueError, match="min_seq_len"):
             _swap.resolve_min_seq_len(bad, 16)

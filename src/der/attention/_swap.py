@@ -25,7 +25,7 @@ from der.attention.layout import BlockLayout, block_mass, num_blocks
 from der.attention.rules import dynamic_layout, reselect, valid_blocks
 
 __all__ = ["ConvertState", "IMPL_NAME", "STATE_ATTR", "der_attention_forward", "install", "COLLECT_CHUNK_BYTES",
-           "MIN_SKIPPED_BLOCKS", "AUTO_MIN_BLOCKS", "resolve_min_seq_len"]
+           "MIN_SKIPPED_BLOCKS", "AUTO_MIN_SEQ_LEN", "resolve_min_seq_len"]
 
 IMPL_NAME = "der_block_sparse"
 STATE_ATTR = "_der_convert"
@@ -94,17 +94,17 @@ class ConvertState:
 # A call runs dense when its layout would skip fewer key blocks than this per query block on average: the
 # kernel's fixed costs (plan, gathers, chunked matmuls) are not paid back by so little skipped work.
 MIN_SKIPPED_BLOCKS = 2.0
-# min_seq_len="auto": shorter inputs run dense. The break-even length in blocks, from the end-to-end
-# benchmark on CPU (benchmarks/results/end_to_end.json, docs/speed.md): below it the converted model is
-# not faster than dense.
-AUTO_MIN_BLOCKS = 4
+# min_seq_len="auto": shorter inputs run dense. The end-to-end break-even length on CPU (MiniLM, blocks of
+# 16 and 32: benchmarks/results/end_to_end_breakeven.json, docs/speed.md): below it attention is too small a
+# share of the model for the converted one to be measurably faster.
+AUTO_MIN_SEQ_LEN = 256
 _LRU = 16  # re-selected layouts kept per converted model (padded batches: one per padding pattern)
 
 
 def resolve_min_seq_len(min_seq_len: int | str, block_size: int) -> int:
-    """``min_seq_len`` as tokens: an int ≥ 0 as given, ``"auto"`` → ``AUTO_MIN_BLOCKS · block_size``."""
+    """``min_seq_len`` as tokens: an int ≥ 0 as given, ``"auto"`` → ``max(AUTO_MIN_SEQ_LEN, 2 · block_size)``."""
     if min_seq_len == "auto":
-        return AUTO_MIN_BLOCKS * block_size
+        return max(AUTO_MIN_SEQ_LEN, 2 * block_size)
     if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 0:
         raise ValueError(f"min_seq_len must be an int ≥ 0 or 'auto', got {min_seq_len!r}")
     return min_seq_len

@@ -75,7 +75,8 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
             :func:`~der.attention.baselines.moba_layout`; the anchors are not used).
         min_seq_len: inputs shorter than this many tokens run the previous dense attention (warned once,
             counted in ``handle.dense_fallbacks``); ``"auto"``: the break-even length measured by
-            ``der bench end-to-end`` (a number of blocks, ``der.attention._swap.AUTO_MIN_BLOCKS``; docs/speed.md);
+            ``der bench end-to-end --breakeven`` (``der.attention._swap.AUTO_MIN_SEQ_LEN`` tokens, at least two
+            blocks; docs/speed.md);
             ``0``: always block-sparse where possible (also where fewer than
             ``MIN_SKIPPED_BLOCKS`` key blocks per query block are skipped, which otherwise runs dense).
 
