@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 TOP: dict[str, tuple[str, str]] = {
     "demo": ("der_lab.demo:main", "run the main demo on embedded defaults (a few minutes on 2 cores)"),
     "breakeven": ("der_lab.experiments.breakeven:main", "break-even number of inference batches (App. C.1)"),
+    "sparsify": ("der.hf.sparsify:main", "HF model folder -> saved block-sparse model + report: der sparsify DIR --out OUT"),
 }
 TRAIN: dict[str, str] = {"entropynet": "der.geometry.train:main"}
 GROUPS: dict[str, str] = {"exp": "der_lab.experiments", "bench": "der_lab.bench"}

@@ -144,7 +144,8 @@ def test_bad_inputs():
 
 
 def _moba_reference(q, k, bs, sparsity, causal, kpm):
-    """Float64 loops: mean-pooled real tokens per block, q̄·k̄ scores, diagonal + best b - 1 per row."""
+    """Float64 loops: mean-pooled real tokens per block, q̄·k̄ scores, diagonal + best b - 1 per row, over
+    the blocks holding a real token only (blocks of pure padding are skipped as queries and as keys)."""
     B, H, N, _ = q.shape
     nb = -(-N // bs)
     out = torch.zeros(B, H, nb, nb, dtype=torch.bool)
@@ -157,14 +158,12 @@ def _moba_reference(q, k, bs, sparsity, causal, kpm):
                 return None if not idx else x[idx].double().mean(0)
 
             for i in range(nb):
-                valid = list(range(i + 1)) if causal else list(range(nb))
-                nkeep = max(1, round(len(valid) * (1 - sparsity)))
                 qi = mean(q[b, h], i)
-                sc = {}
-                for j in valid:
-                    kj = mean(k[b, kh], j)
-                    # a block of padding only: its key never scores; its query pools to 0 (no preference)
-                    sc[j] = -math.inf if kj is None else (0.0 if qi is None else float(qi @ kj))
+                if qi is None:  # a query block of padding only: skipped
+                    continue
+                valid = [j for j in (range(i + 1) if causal else range(nb)) if mean(k[b, kh], j) is not None]
+                nkeep = max(1, round(len(valid) * (1 - sparsity)))
+                sc = {j: float(qi @ mean(k[b, kh], j)) for j in valid}
                 others = sorted((j for j in valid if j != i), key=lambda j: (-sc[j], abs(i - j)))
                 for j in [i] + others[:nkeep - 1]:
                     out[b, h, i, j] = True
@@ -185,7 +184,8 @@ def test_moba_layout_matches_loop_reference(causal):
         lay = moba_layout(q, k, bs, 0.5, causal=causal, key_padding_mask=mask)
         assert isinstance(lay, BlockLayout) and lay.shape == (B, Hq, 6, 6) and lay.causal == causal
         assert torch.equal(lay.mask, _moba_reference(q, k, bs, 0.5, causal, mask))
-        assert lay.mask.diagonal(dim1=-2, dim2=-1).all()
+        real = torch.ones(B, 6, dtype=torch.bool) if mask is None else torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+        assert torch.equal(lay.mask.diagonal(dim1=-2, dim2=-1), real[:, None].expand(B, Hq, 6))
     with pytest.raises(ValueError, match="multiple"):
         moba_layout(q[:, :3], k, bs, 0.5)
     with pytest.raises(ValueError, match="key_padding_mask"):

@@ -15,7 +15,7 @@ def _bert_converted(sparsity=0.75, mode="static", **kw):
     with torch.no_grad():
         ref = model(input_ids=x).last_hidden_state
     h = inject(model, DERConfig(seq_len=64, block_size=16))
-    convert(model, sparsity=sparsity, mode=mode, calib_inputs=[{"input_ids": x}], **kw)
+    convert(model, sparsity=sparsity, mode=mode, calib_inputs=[{"input_ids": x}], min_seq_len=0, **kw)
     return model, h, x, ref
 
 
@@ -101,7 +101,7 @@ def test_fit_moves_causal_lm_towards_dense(make):
     model = make()
     xs = [tokens(2, 64, seed=s) for s in range(3)]
     h = inject(model, DERConfig(seq_len=64, block_size=16))
-    convert(model, sparsity=0.75, calib_inputs=xs[:1])
+    convert(model, sparsity=0.75, calib_inputs=xs[:1], min_seq_len=0)
     teacher = distill.teacher_outputs(model, xs)
 
     def gap():
@@ -154,7 +154,7 @@ def test_bad_input_clear_errors():
         distill.enable(model)
     with pytest.raises(ValueError, match="convert"):
         distill.fit(model, [{"input_ids": x}], steps=1)
-    convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}])
+    convert(model, sparsity=0.5, calib_inputs=[{"input_ids": x}], min_seq_len=0)
     with pytest.raises(ValueError, match="weight"):
         distill.enable(model, mass=float("nan"))
     with pytest.raises(ValueError, match="teacher has 2"):

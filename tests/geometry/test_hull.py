@@ -207,6 +207,29 @@ def test_property_float_sets(P):
     _check_ref(P)
 
 
+any_floats = arrays(
+    np.float64,
+    st.tuples(st.integers(0, 12), st.just(2)),
+    elements=st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=64),
+                       st.sampled_from([0.0, 1.0, 2.2e-313, 5e-324, -5e-324, 1e308])),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(any_floats)
+def test_property_any_doubles(P):
+    """Subnormal, tiny and huge coordinates side by side: still the exact hull."""
+    _check_ref(P)
+
+
+def test_subnormal_regression():
+    """Was 2 vertices: the product 2.2e-313 * 2.2e-313 underflowed in the exact orientation."""
+    P = [[1, 2.2e-313], [2.2e-313, 0], [0, 0]]
+    for m in EXACT:
+        np.testing.assert_array_equal(convex_hull(P, m), [2, 1, 0])
+    _check_ref(np.array(P, dtype=float))
+
+
 @pytest.mark.slow
 @settings(max_examples=3000, deadline=None)
 @given(st.one_of(small_ints, floats))

@@ -96,3 +96,4 @@ def test_summary_is_exported_and_repr_is_short():
     r = repr(h.converted)
     assert len(r) < 300 and "ConvertState(" in r and "BertModel" not in r
     assert len(repr(h)) < 300
+

@@ -38,3 +38,18 @@ def test_bench_shape_tiny_vit_reports_every_mode():
         assert r["ceiling"] >= 1.0
         for name in ("static", "dynamic"):
             assert r[name]["speedup"] > 0 and math.isfinite(r[name]["of_ceiling"])
+
+
+def test_bench_shape_reports_quality_and_the_speed_doc_renders(tmp_path):
+    import json
+
+    from der_lab.report.speed import render
+
+    row = bench_shape(Shape("vit", 1, 17, 4), sparsity=0.5, repeats=1, min_seq_len=0)
+    for name in ("static", "dynamic"):
+        q = row["quality"][name]
+        assert -1.0 <= q["cosine_min"] <= q["cosine_mean"] <= 1.0 + 1e-6
+        assert math.isfinite(row["fwd"][name]["speedup_cpu"])
+    (tmp_path / "end_to_end_quick.json").write_text(json.dumps({"sparsity": 0.5, "rows": [row]}))
+    text = render(tmp_path)
+    assert "vit:1x17/b4" in text and "| fwd+bwd |" in text

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import types
 import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -20,9 +22,10 @@ from der.attention.baselines import moba_layout
 from der.attention.injection import DERHandle, DERSite
 from der.attention.kernels import block_sparse_attention
 from der.attention.layout import BlockLayout, block_mass, num_blocks
-from der.attention.rules import dynamic_layout
+from der.attention.rules import dynamic_layout, reselect, valid_blocks
 
-__all__ = ["ConvertState", "IMPL_NAME", "STATE_ATTR", "der_attention_forward", "install", "COLLECT_CHUNK_BYTES"]
+__all__ = ["ConvertState", "IMPL_NAME", "STATE_ATTR", "der_attention_forward", "install", "COLLECT_CHUNK_BYTES",
+           "MIN_SKIPPED_BLOCKS", "AUTO_MIN_SEQ_LEN", "resolve_min_seq_len"]
 
 IMPL_NAME = "der_block_sparse"
 STATE_ATTR = "_der_convert"
@@ -46,7 +49,9 @@ class ConvertState:
     dense_layers: list[str] = field(default_factory=list)
     hf_models: list[tuple[nn.Module, str]] = field(default_factory=list)  # (model, previous impl)
     timm_modules: list[nn.Module] = field(default_factory=list)
+    min_seq_len: int = 0  # shorter inputs run dense (resolved from convert's min_seq_len)
     _undo: list = field(default_factory=list, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)  # per-call caches (mask check, re-selected layouts)
 
     def restore(self) -> None:
         """Put back everything the swap changed (called by ``revert``; idempotent)."""
@@ -78,7 +83,7 @@ class ConvertState:
     def settings(self) -> dict:
         """The conversion arguments (JSON-able)."""
         return {"sparsity": self.sparsity, "block_size": self.block_size, "mode": self.mode,
-                "backend": self.backend, "budget": self.budget, "rule": self.rule}
+                "backend": self.backend, "budget": self.budget, "rule": self.rule, "min_seq_len": self.min_seq_len}
 
     def __repr__(self) -> str:
         s = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
@@ -86,23 +91,50 @@ class ConvertState:
 
 
 # --------------------------------------------------------------------------- per-call logic
+# A call runs dense when its layout would skip fewer key blocks than this per query block on average: the
+# kernel's fixed costs (plan, gathers, chunked matmuls) are not paid back by so little skipped work.
+MIN_SKIPPED_BLOCKS = 2.0
+# min_seq_len="auto": shorter inputs run dense. The end-to-end break-even length on CPU (MiniLM, blocks of
+# 16 and 32: benchmarks/results/end_to_end_breakeven.json, docs/speed.md): below it attention is too small a
+# share of the model for the converted one to be measurably faster.
+AUTO_MIN_SEQ_LEN = 256
+_LRU = 16  # re-selected layouts kept per converted model (padded batches: one per padding pattern)
+
+
+def resolve_min_seq_len(min_seq_len: int | str, block_size: int) -> int:
+    """``min_seq_len`` as tokens: an int ≥ 0 as given, ``"auto"`` → ``max(AUTO_MIN_SEQ_LEN, 2 · block_size)``."""
+    if min_seq_len == "auto":
+        return max(AUTO_MIN_SEQ_LEN, 2 * block_size)
+    if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int) or min_seq_len < 0:
+        raise ValueError(f"min_seq_len must be an int ≥ 0 or 'auto', got {min_seq_len!r}")
+    return min_seq_len
+
+
 def _fallback(handle: DERHandle, reason: str) -> None:
     if reason not in handle.dense_fallbacks:
         warnings.warn(f"DER block-sparse attention: running dense because of {reason}", stacklevel=4)
     handle.dense_fallbacks[reason] = handle.dense_fallbacks.get(reason, 0) + 1
 
 
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def _tril(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
 def _key_padding(mask: torch.Tensor, n: int, causal: bool) -> torch.Tensor | None:
     """``(B, N)`` bool key mask (True = real token) when ``mask`` is exactly key padding (plus the causal
     triangle when ``causal``) on every real query row, else ``None``. Rows of padded queries are not
     compared: their outputs are padding, and their keys are masked for every real query."""
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = _allowed(mask)
     if allowed.dim() != 4 or allowed.shape[-2:] != (n, n):
         return None
     kpm = allowed.any(dim=-2).all(dim=1)  # (B, N): a key some query may see
     want = kpm[:, None, None, :].expand_as(allowed)
     if causal:
-        want = want & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+        want = want & _tril(n, mask.device)
     real_rows = kpm[:, None, :, None]
     if not bool(((allowed == want) | ~real_rows).all()) or not bool(kpm.any(dim=-1).all()):
         return None
@@ -113,29 +145,92 @@ def _mask_is_trivial(mask: torch.Tensor | None, n_q: int, n_k: int, causal: bool
     """True when ``mask`` allows exactly everything (or exactly the causal triangle when ``causal``)."""
     if mask is None:
         return True
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = _allowed(mask)
     if causal:
         ref = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).tril()
         return bool((allowed == ref).all())
     return bool(allowed.all())
 
 
+def _padding(state: ConvertState, mask: torch.Tensor | None, n: int, causal: bool
+             ) -> tuple[bool, torch.Tensor | None]:
+    """``(ok, kpm)``: ``ok`` when ``mask`` is nothing, or exactly key padding (``kpm (B, N)``; None when no
+    key is padded). HF builds one mask per forward and passes it to every layer: the check (``O(B·N²)``)
+    runs once per mask object, not once per layer."""
+    if mask is None:
+        return True, None
+    memo = state._memo
+    key = (mask.data_ptr(), tuple(mask.shape), mask.dtype, n, causal)
+    ref = memo.get("mask")
+    if ref is not None and ref[0]() is mask and ref[1] == key:
+        return memo["padding"]
+    if _mask_is_trivial(mask, n, n, causal):
+        res = (True, None)
+    else:
+        kpm = _key_padding(mask, n, causal)
+        res = (kpm is not None, kpm)
+        if kpm is not None and bool(kpm.all()):
+            res = (True, None)
+    memo["mask"], memo["padding"] = (weakref.ref(mask), key), res
+    return res
+
+
+def _real_blocks(kpm: torch.Tensor | None, block_size: int) -> torch.Tensor | None:
+    """``(B, nb)`` blocks holding a real token, or None when every block does (nothing to skip)."""
+    if kpm is None:
+        return None
+    vb = valid_blocks(kpm, block_size)
+    return None if bool(vb.all()) else vb
+
+
+def _skipped_per_row(lay: BlockLayout) -> float:
+    """Mean number of valid key blocks a layout drops per query block (cached on the layout)."""
+    def build() -> float:
+        nv = lay.valid_blocks()
+        return float((nv.sum() * lay.batch * lay.heads - lay.kept_blocks().sum()) / (lay.batch * lay.heads * nv.shape[0]))
+    return lay.derived("skipped_per_row", build)
+
+
+def _static_layout(state: ConvertState, site: DERSite, n: int, causal: bool, real: torch.Tensor | None
+                   ) -> BlockLayout | None:
+    """The calibrated layout for ``n`` tokens: as is, re-selected at the same budget from its block scores
+    for fewer blocks or padded sequences (``real``: ``(B, nb)``), or cropped when it has no scores."""
+    bs = state.block_size
+    lay = state.layouts[site.name]
+    nb = num_blocks(n, bs)
+    if lay.n_blocks[0] < nb:
+        return None
+    if lay.causal != causal:
+        lay = lay.derived(("causal", causal), lambda lay=lay: BlockLayout(lay.mask, bs, lay.q_len, causal, lay.scores))
+    if lay.scores is None or (real is None and nb == lay.n_blocks[0]):
+        return lay.resize(n)
+    if real is None:
+        return lay.derived(("reselect", n, state.sparsity, state.budget),
+                           lambda: reselect(lay, state.sparsity, state.budget, n))
+    cache = state._memo.setdefault("reselect", OrderedDict())
+    key = (site.name, n, causal, tuple(real.shape), real.cpu().numpy().tobytes())
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    out = cache[key] = reselect(lay, state.sparsity, state.budget, n, real)
+    if len(cache) > _LRU * max(1, len(state.handle.sites)):
+        cache.popitem(last=False)
+    return out
+
+
 def _layout_for(state: ConvertState, site: DERSite, n: int, causal: bool, groups: int,
                 device: torch.device, q: torch.Tensor, k: torch.Tensor, kpm: torch.Tensor | None
                 ) -> BlockLayout | None:
-    """The layout of this call: the static one resized to ``n`` (cached on it), or a fresh dynamic one
-    (through the anchors, or ``rule="moba"``: from this call's own queries and keys)."""
+    """The layout of this call: the static one for ``n`` tokens (:func:`_static_layout`), or a fresh dynamic
+    one (through the anchors, or ``rule="moba"``: from this call's own queries and keys), over the real
+    blocks of a padded batch."""
     bs = state.block_size
-    nb = num_blocks(n, bs)
     if state.rule == "moba":
         return moba_layout(q, k, bs, state.sparsity, causal, kpm, state.budget)
     if state.mode == "static":
-        lay = state.layouts[site.name]
-        if lay.n_blocks[0] < nb:
+        lay = _static_layout(state, site, n, causal, _real_blocks(kpm, bs))
+        if lay is None:
             return None
-        lay = lay.resize(n)
-        if lay.causal != causal:
-            lay = lay.derived(("causal", causal), lambda lay=lay: BlockLayout(lay.mask, bs, n, causal))
     else:
         keys, q = site.keys, site.queries
         if keys is None or keys.shape[2] != n:
@@ -144,11 +239,28 @@ def _layout_for(state: ConvertState, site: DERSite, n: int, causal: bool, groups
             q = None
         h = state.handle
         lay = dynamic_layout(keys, site.anchors.anchors.detach(), bs, state.sparsity, h.alpha,
-                             h.config.metric, causal, site.key_mask, queries=q, scale=site.scale,
-                             budget=state.budget)
+                             h.config.metric, causal, kpm if kpm is not None else site.key_mask, queries=q,
+                             scale=site.scale, budget=state.budget)
     if groups > 1 and lay.heads == site.heads:
         lay = lay.repeat_heads(groups)  # keys-only routing under GQA: share the kv head's layout
     return lay.to(device)
+
+
+def _cannot_win(state: ConvertState, n: int, causal: bool) -> str | None:
+    """Why a call of ``n`` tokens runs dense before any layout work, or None (shape checks only;
+    ``min_seq_len=0`` keeps only the hard limit of one block)."""
+    bs = state.block_size
+    if n < bs:
+        return "an input shorter than one block"
+    if state.min_seq_len == 0:
+        return None
+    if n < state.min_seq_len:
+        return f"an input shorter than min_seq_len={state.min_seq_len}"
+    nb = num_blocks(n, bs)
+    per_row = (nb + 1) / 2 if causal else nb  # valid key blocks per query block
+    if state.sparsity * per_row < MIN_SKIPPED_BLOCKS:
+        return f"too few key blocks skipped (< {MIN_SKIPPED_BLOCKS:g} per query block)"
+    return None
 
 
 def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v, mask, dropout, scaling,
@@ -161,17 +273,22 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
     if k.shape[2] != n:
         _fallback(handle, "query length ≠ key length (cached decoding)")
         return None
-    kpm = None
-    if not _mask_is_trivial(mask, n, n, causal):
-        kpm = _key_padding(mask, n, causal)
-        if kpm is None:
-            _fallback(handle, "a custom attention mask (not key padding)")
-            return None
+    why = _cannot_win(state, n, causal)
+    if why is not None:
+        _fallback(handle, why)
+        return None
+    ok, kpm = _padding(state, mask, n, causal)
+    if not ok:
+        _fallback(handle, "a custom attention mask (not key padding)")
+        return None
     groups = q.shape[1] // k.shape[1]
     lay = _layout_for(state, site, n, causal, groups, q.device, q, k, kpm)
     if lay is None:
         _fallback(handle, "an input longer than the calibrated layout" if state.mode == "static"
                   else "keys not captured for this call")
+        return None
+    if state.mode == "static" and state.min_seq_len and _skipped_per_row(lay) < MIN_SKIPPED_BLOCKS:
+        _fallback(handle, f"too few key blocks skipped (< {MIN_SKIPPED_BLOCKS:g} per query block)")
         return None
     if dropout and module.training:
         if "dropout_ignored" not in handle.dense_fallbacks:

@@ -31,7 +31,7 @@ from torch import nn
 
 from der.attention.config import Budget
 from der.attention.layout import BlockLayout, block_mass, num_blocks
-from der.attention.rules import select_blocks
+from der.attention.rules import block_means, select_blocks
 
 __all__ = [
     "blocks_per_row",
@@ -243,17 +243,6 @@ class KMeansRouter(nn.Module):
         return BlockLayout(topb_mask(scores, sparsity), block_size, N, causal)
 
 
-def _block_means(x: torch.Tensor, block_size: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted mean of ``x: (B, H, N, D)`` over each block's tokens (weights ``w: (B, N)``) → ``(B, H, nb, D)``,
-    and the blocks' weight sums ``(B, nb)``."""
-    B, H, N, D = x.shape
-    nb = num_blocks(N, block_size)
-    pad = nb * block_size - N
-    sums = F.pad(x * w[:, None, :, None], (0, 0, 0, pad)).view(B, H, nb, block_size, D).sum(3)
-    cnt = F.pad(w, (0, pad)).view(B, nb, block_size).sum(-1)
-    return sums / cnt[:, None, :, None].clamp_min(1.0), cnt
-
-
 @torch.no_grad()
 def moba_layout(q: torch.Tensor, k: torch.Tensor, block_size: int, sparsity: float, causal: bool = False,
                 key_padding_mask: torch.Tensor | None = None, budget: Budget = "row") -> BlockLayout:
@@ -264,7 +253,8 @@ def moba_layout(q: torch.Tensor, k: torch.Tensor, block_size: int, sparsity: flo
     Args:
         q: ``(B, Hq, N, Dh)`` queries; k: ``(B, Hkv, N, Dh)`` keys (``Hq`` a multiple of ``Hkv``: GQA).
         key_padding_mask: optional bool ``(B, N)`` (True = real token): padded tokens are left out of the
-            means; key blocks with no real token are never chosen (except as a row's own diagonal).
+            means; blocks with no real token are skipped (as keys and as queries) and the budget is a
+            fraction of the real blocks (:func:`~der.attention.rules.select_blocks` with ``valid``).
 
     Returns:
         :class:`~der.attention.layout.BlockLayout` ``(B, Hq, nb, nb)``.
@@ -275,18 +265,18 @@ def moba_layout(q: torch.Tensor, k: torch.Tensor, block_size: int, sparsity: flo
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
     B, _, N, _ = q.shape
     if key_padding_mask is None:
-        w = torch.ones(B, N, dtype=torch.float32, device=q.device)
+        w = None
     elif key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, N):
         raise ValueError(f"key_padding_mask must be bool (B={B}, N={N}), got {key_padding_mask.dtype} "
                          f"{tuple(key_padding_mask.shape)}")
     else:
         w = key_padding_mask.float()
-    qm, _ = _block_means(q.float(), block_size, w)
-    km, kcnt = _block_means(k.float(), block_size, w)
+    qm, _ = block_means(q.float(), block_size, w)
+    km, kcnt = block_means(k.float(), block_size, w)
     km = km.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (qm @ km.transpose(-1, -2)).double()  # (B, Hq, nb, nb): one batched matmul
-    scores = scores.masked_fill((kcnt == 0)[:, None, None, :], -math.inf)  # key blocks of padding only
-    return BlockLayout(select_blocks(scores, sparsity, causal, budget), block_size, N, causal)
+    valid = None if key_padding_mask is None else (kcnt > 0)[:, None, :]  # blocks of padding only: skipped
+    return BlockLayout(select_blocks(scores, sparsity, causal, budget, valid), block_size, N, causal)
 
 
 def l1_attention_penalty(attn: torch.Tensor, lam: float = 0.01, block_size: int | None = None,

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from der.attention._swap import ConvertState, install
+from der.attention._swap import ConvertState, install, resolve_min_seq_len
 from der.attention.config import BUDGETS, RULES, Budget, Mode, Rule, check_block_args
 from der.attention.injection import DERHandle, get_handle
 from der.attention.kernels import Backend, resolve_backend
@@ -58,7 +58,7 @@ _STATE_FORMAT = "der.attention.conversion/1"
 def convert(model: nn.Module, sparsity: float | None = None, block_size: int | None = None,
             mode: Mode | None = None, *, calib_inputs=None, backend: Backend = "auto",
             layouts: dict[str, BlockLayout] | None = None, budget: Budget | None = None,
-            rule: Rule = "anchors") -> DERHandle:
+            rule: Rule = "anchors", min_seq_len: int | str = "auto") -> DERHandle:
     """Freeze DER layouts and swap in block-sparse attention; returns the (same) handle.
 
     Args:
@@ -73,6 +73,12 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
             from the model's own attention on ``calib_inputs`` (``"attention"``, static; see the module
             docstring), or training-free per input from mean-pooled query/key blocks (``"moba"``, dynamic:
             :func:`~der.attention.baselines.moba_layout`; the anchors are not used).
+        min_seq_len: inputs shorter than this many tokens run the previous dense attention (warned once,
+            counted in ``handle.dense_fallbacks``); ``"auto"``: the break-even length measured by
+            ``der bench end-to-end --breakeven`` (``der.attention._swap.AUTO_MIN_SEQ_LEN`` tokens, at least two
+            blocks; docs/speed.md);
+            ``0``: always block-sparse where possible (also where fewer than
+            ``MIN_SKIPPED_BLOCKS`` key blocks per query block are skipped, which otherwise runs dense).
 
     Undo with :func:`revert`.
     """
@@ -94,7 +100,8 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
         raise ValueError('rule="moba" routes every input by its own queries and keys: pass mode="dynamic"')
     if rule == "attention" and (mode != "static" or (calib_inputs is None and layouts is None)):
         raise ValueError('rule="attention" builds static layouts from calib_inputs: pass mode="static" and calib_inputs=...')
-    state = ConvertState(handle, float(sparsity), int(block_size), mode, backend, budget, rule)
+    state = ConvertState(handle, float(sparsity), int(block_size), mode, backend, budget, rule,
+                         min_seq_len=resolve_min_seq_len(min_seq_len, int(block_size)))
     if layouts is not None and mode != "static":
         raise ValueError(f"layouts are static; mode={mode!r} builds its layouts per input")
     if layouts is not None:
@@ -211,7 +218,7 @@ def conversion_state(handle: DERHandle) -> dict[str, Any] | None:
     st = handle.converted
     if st is None:
         return None
-    lays = {name: {"mask": lay.mask.cpu(), **lay.meta()} for name, lay in st.layouts.items()}
+    lays = {name: {**lay.tensors(), **lay.meta()} for name, lay in st.layouts.items()}
     return {"format": _STATE_FORMAT, **st.settings(), "layouts": lays}
 
 
@@ -227,8 +234,10 @@ def load_conversion_state(handle: DERHandle, state: dict[str, Any] | None) -> No
         return
     device = next((p.device for p in handle.model.parameters()), torch.device("cpu"))
     try:
-        layouts = {n: BlockLayout.from_meta(d["mask"], d).to(device) for n, d in state["layouts"].items()}
+        layouts = {n: BlockLayout.from_meta(d["mask"], d, d.get("scores")).to(device)
+                   for n, d in state["layouts"].items()}
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"damaged converted state: layouts must map layer names to mask + metadata ({e})") from None
     convert(handle.model, state["sparsity"], state["block_size"], state["mode"], backend=state["backend"],
-            layouts=layouts if state["mode"] == "static" else None, budget=state["budget"], rule=state["rule"])
+            layouts=layouts if state["mode"] == "static" else None, budget=state["budget"], rule=state["rule"],
+            min_seq_len=state.get("min_seq_len", "auto"))

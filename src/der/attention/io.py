@@ -4,7 +4,7 @@
 ``anchors/<site>``, ``layouts/<site>`` and, in its metadata, the config, site names, α step and conversion
 settings. ``load(model, path)`` injects the same config into a fresh copy of the architecture, copies the
 anchors in and, if the saved handle was converted, converts with the saved layouts (static) or settings
-(dynamic). Files of the older two-file layout (``path.safetensors`` + ``path.json``) still load.
+(dynamic); ``restore(handle, path)`` does the same for a model that is already injected (checkpoint resume). Files of the older two-file layout (``path.safetensors`` + ``path.json``) still load.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from der.attention.config import DERConfig
 from der.attention.injection import DERHandle, inject
 from der.attention.layout import BlockLayout
 
-__all__ = ["save", "load", "FORMAT", "STATE_KIND"]
+__all__ = ["save", "load", "restore", "FORMAT", "STATE_KIND"]
 
 FORMAT = "der.attention/1"  # the legacy two-file layout's JSON "format"
 STATE_KIND = "der.attention.DERHandle"
@@ -42,7 +42,10 @@ def save(handle: DERHandle, path: str | Path) -> Path:
     if conv is not None:
         meta["converted"] = {**conv.settings(), "layouts": {n: lay.meta() for n, lay in conv.layouts.items()}}
         for name, lay in conv.layouts.items():
-            tensors[f"layouts/{name}"] = lay.mask.cpu().to(torch.uint8).contiguous()
+            t = lay.tensors()
+            tensors[f"layouts/{name}"] = t["mask"]
+            if "scores" in t:
+                tensors[f"layout_scores/{name}"] = t["scores"]
     return save_state(st_path, tensors, meta, kind=STATE_KIND)
 
 
@@ -71,16 +74,32 @@ def load(model: nn.Module, path: str | Path) -> DERHandle:
     """Inject the saved config into ``model``, restore anchors, and re-convert if it was converted."""
     tensors, meta, st_path = _read(path)
     handle = inject(model, DERConfig.from_dict(meta["config"]))
-    names = [s.name for s in handle.sites]
-    if names != meta["sites"]:
-        handle.remove()
-        raise ValueError(f"saved DER sites {meta['sites']} do not match this model's matches {names}")
     try:
-        handle.load_anchor_tensors(tensors, str(st_path))
+        _restore(handle, tensors, meta, st_path)
     except ValueError:
         handle.remove()
         raise
+    return handle
+
+
+def restore(handle: DERHandle, path: str | Path) -> DERHandle:
+    """Load a :func:`save` file into an existing ``handle`` (same sites): anchors, α step count and the
+    conversion (reverting or converting to match), e.g. when resuming a checkpoint. Returns ``handle``."""
+    tensors, meta, st_path = _read(path)
+    _restore(handle, tensors, meta, st_path)
+    return handle
+
+
+def _restore(handle: DERHandle, tensors: dict[str, torch.Tensor], meta: dict, st_path: Path) -> None:
+    names = [s.name for s in handle.sites]
+    if names != meta["sites"]:
+        raise ValueError(f"{st_path}: saved DER sites {meta['sites']} do not match this model's matches {names}")
+    handle.load_anchor_tensors(tensors, str(st_path))
     handle.steps = int(meta.get("steps", 0))
+    if handle.converted is not None:
+        from der.attention.conversion import revert
+
+        revert(handle.model)
     conv = meta.get("converted")
     if conv is not None:
         from der.attention.conversion import convert
@@ -92,10 +111,10 @@ def load(model: nn.Module, path: str | Path) -> DERHandle:
             for s in handle.sites:
                 mask = tensors[f"layouts/{s.name}"].bool()
                 if s.name in lay_meta:
-                    layouts[s.name] = BlockLayout.from_meta(mask, lay_meta[s.name])
+                    layouts[s.name] = BlockLayout.from_meta(mask, lay_meta[s.name], tensors.get(f"layout_scores/{s.name}"))
                 else:  # files written before layouts carried their metadata: whole blocks, causal as the layer
                     layouts[s.name] = BlockLayout(mask, conv["block_size"], None,
                                                   bool(getattr(s.attention, "is_causal", False)))
-        convert(model, conv["sparsity"], conv["block_size"], conv["mode"], backend=conv["backend"], layouts=layouts,
-                budget=conv.get("budget"), rule=conv.get("rule", "anchors"))
-    return handle
+        convert(handle.model, conv["sparsity"], conv["block_size"], conv["mode"], backend=conv["backend"],
+                layouts=layouts, budget=conv.get("budget"), rule=conv.get("rule", "anchors"),
+                min_seq_len=conv.get("min_seq_len", "auto"))

@@ -7,6 +7,9 @@ the sequence lengths or causality again:
   (``nbq = ceil(q_len / block_size)``, ``nbk = ceil(kv_len / block_size)``; the last block may be short);
 * ``block_size``, ``q_len``, ``kv_len`` and ``causal`` (keys after the query are masked at element level;
   for ``q_len < kv_len`` the queries are the last ``q_len`` positions, as in cached decoding);
+* optionally ``scores``: the float ``(B or 1, H, nbq, nbk)`` block scores the mask was selected from
+  (static layouts of ``convert``), so a shorter or padded input can re-select its blocks at the same
+  budget (:func:`der.attention.rules.reselect`) instead of cropping the mask; saved with the layout;
 * derived plans (the gather kernel's bucket plan, FlexAttention's ``BlockMask``, crops, device copies) are
   cached on the object (:meth:`BlockLayout.derived`). The mask is treated as immutable; an in-place edit of
   it is detected through the tensor's version counter and drops the cache.
@@ -74,6 +77,7 @@ class BlockLayout:
         block_size: tokens per block (queries and keys).
         seq_len: ``N`` or ``(q_len, kv_len)``; default: whole blocks (``nb * block_size``).
         causal: also mask keys after each query.
+        scores: optional float ``(H, nbq, nbk)`` or ``(B or 1, H, nbq, nbk)`` block scores behind the mask.
 
     Example:
         >>> lay = BlockLayout.from_mask(torch.eye(4, dtype=torch.bool)[None], block_size=16, seq_len=64)
@@ -84,7 +88,7 @@ class BlockLayout:
     """
 
     def __init__(self, mask: torch.Tensor, block_size: int, seq_len: int | tuple[int, int] | None = None,
-                 causal: bool = False) -> None:
+                 causal: bool = False, scores: torch.Tensor | None = None) -> None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = f"{mask.dtype} tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise TypeError(f"mask must be a bool tensor (H, nbq, nbk) or (B, H, nbq, nbk), got {got}")
@@ -105,16 +109,25 @@ class BlockLayout:
                                  f"(mask {tuple(mask.shape)}); got {math.ceil(n / block_size) if isinstance(n, int) else n}")
         if causal and q_len > kv_len:
             raise ValueError(f"causal layouts need q_len <= kv_len, got {q_len} > {kv_len}")
-        self._mask = mask
+        if scores is not None:
+            if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+                raise TypeError(f"scores must be a float tensor, got {getattr(scores, 'dtype', type(scores))}")
+            if scores.dim() == 3:
+                scores = scores.unsqueeze(0)
+            if scores.dim() != 4 or scores.shape[1:] != mask.shape[1:] or scores.shape[0] not in (1, mask.shape[0]):
+                raise ValueError(f"scores must be (1 or B, H, nbq, nbk) like the mask {tuple(mask.shape)}, "
+                                 f"got {tuple(scores.shape)}")
+            scores = scores.to(mask.device)
+        self._mask, self.scores = mask, scores
         self.block_size, self.q_len, self.kv_len, self.causal = block_size, int(q_len), int(kv_len), bool(causal)
         self._cache: dict[Any, Any] = {}
         self._version = self._mask_version()
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, block_size: int, seq_len: int | tuple[int, int] | None = None,
-                  causal: bool = False) -> BlockLayout:
+                  causal: bool = False, scores: torch.Tensor | None = None) -> BlockLayout:
         """Wrap a bool block mask (the explicit way to turn a bare tensor into a layout)."""
-        return cls(mask, block_size, seq_len, causal)
+        return cls(mask, block_size, seq_len, causal, scores)
 
     # ------------------------------------------------------------------------------------------ fields
     @property
@@ -213,7 +226,8 @@ class BlockLayout:
             nb = num_blocks(seq_len, self.block_size)
             old = self.n_blocks[0]
             if nb <= old:
-                return BlockLayout(self._mask[..., :nb, :nb], self.block_size, seq_len, self.causal)
+                sc = None if self.scores is None else self.scores[..., :nb, :nb]
+                return BlockLayout(self._mask[..., :nb, :nb], self.block_size, seq_len, self.causal, sc)
             m = torch.full((*self.shape[:2], nb, nb), bool(fill), dtype=torch.bool, device=self.device)
             m[..., :old, :old] = self._mask
             idx = torch.arange(old, nb, device=self.device)
@@ -238,40 +252,50 @@ class BlockLayout:
         """Each head repeated ``groups`` times (grouped-query attention: kv-head layouts for query heads)."""
         if groups == 1:
             return self
-        return self.derived(("repeat_heads", groups), lambda: self._with(self._mask.repeat_interleave(groups, 1)))
+        return self.derived(("repeat_heads", groups), lambda: self._with(
+            self._mask.repeat_interleave(groups, 1),
+            None if self.scores is None else self.scores.repeat_interleave(groups, 1)))
 
     def to(self, device: torch.device | str) -> BlockLayout:
         """This layout on ``device`` (cached; ``self`` when already there)."""
         device = torch.device(device)
         if device == self.device or (device.index is None and device.type == self.device.type):
             return self
-        return self.derived(("to", str(device)), lambda: self._with(self._mask.to(device)))
+        return self.derived(("to", str(device)), lambda: self._with(
+            self._mask.to(device), None if self.scores is None else self.scores.to(device)))
 
     def cpu(self) -> BlockLayout:
         return self.to("cpu")
 
-    def _with(self, mask: torch.Tensor) -> BlockLayout:
-        return BlockLayout(mask, self.block_size, (self.q_len, self.kv_len), self.causal)
+    def _with(self, mask: torch.Tensor, scores: torch.Tensor | None = None) -> BlockLayout:
+        return BlockLayout(mask, self.block_size, (self.q_len, self.kv_len), self.causal, scores)
 
     # ------------------------------------------------------------------------------------------ state
     def meta(self) -> dict[str, Any]:
         """JSON-able description (everything but the mask)."""
         return {"block_size": self.block_size, "q_len": self.q_len, "kv_len": self.kv_len, "causal": self.causal}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a file stores: ``mask`` (uint8) and, when present, ``scores``, on the CPU."""
+        out = {"mask": self._mask.cpu().to(torch.uint8).contiguous()}
+        if self.scores is not None:
+            out["scores"] = self.scores.detach().cpu().contiguous()
+        return out
+
     @classmethod
-    def from_meta(cls, mask: torch.Tensor, meta: dict[str, Any]) -> BlockLayout:
-        """Inverse of :meth:`meta` (``mask`` may be uint8 as stored)."""
+    def from_meta(cls, mask: torch.Tensor, meta: dict[str, Any], scores: torch.Tensor | None = None) -> BlockLayout:
+        """Inverse of :meth:`meta` (``mask`` may be uint8 as stored; ``scores`` optional, as saved)."""
         try:
             return cls(mask.bool(), int(meta["block_size"]), (int(meta["q_len"]), int(meta["kv_len"])),
-                       bool(meta["causal"]))
+                       bool(meta["causal"]), scores)
         except KeyError as e:
             raise ValueError(f"layout metadata lacks {e.args[0]!r}: {meta}") from None
 
     def save(self, path: str | Path) -> Path:
-        """Write the layout to one safetensors file (mask + metadata), atomically; returns the path."""
+        """Write the layout to one safetensors file (mask, scores if any, metadata), atomically; returns the path."""
         from der._io import save_state
 
-        return save_state(path, {"mask": self._mask.cpu().to(torch.uint8).contiguous()}, self.meta(), kind=_KIND)
+        return save_state(path, self.tensors(), self.meta(), kind=_KIND)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> BlockLayout:
@@ -281,7 +305,7 @@ class BlockLayout:
         tensors, meta = load_state(path, kind=_KIND)
         if "mask" not in tensors:
             raise ValueError(f"{path}: no 'mask' tensor in the layout file")
-        return cls.from_meta(tensors["mask"], meta).to(device)
+        return cls.from_meta(tensors["mask"], meta, tensors.get("scores")).to(device)
 
     # ------------------------------------------------------------------------------------------ misc
     def __eq__(self, other: object) -> bool:

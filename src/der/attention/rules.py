@@ -31,8 +31,12 @@ short; missing tokens carry no mass).
    whole contiguous blocks, which is what block-sparse kernels can skip (the paper's block contiguity).
 
 Modes: **static** — :math:`p` is the mean soft assignment per position over calibration sequences,
-giving one ``(H, nb, nb)`` layout per layer, frozen; **dynamic** — :math:`p` is computed from the current
-input's keys, giving ``(B, H, nb, nb)`` per call (routing through the learned anchors).
+giving one ``(H, nb, nb)`` layout per layer, frozen; **dynamic** — from the current input's keys, giving
+``(B, H, nb, nb)`` per call (routing through the learned anchors) from **pooled blocks**: each block is
+represented by the mean :math:`\bar k_b` of its real keys (and :math:`\bar q_a` of its queries), so
+:math:`M_{bj} \approx |b|\, p_j(\bar k_b)` and :math:`R_{aj} \approx \mathrm{softmax}_j(s\, \bar q_a\cdot c_j +
+\log n_j)`: ``bs`` times less work than per-token assignments (one batched pass for all heads and
+sequences), the approximation MoBA makes for its block scores.
 
 The attention rule
 ------------------
@@ -53,8 +57,8 @@ from der.attention.config import BUDGETS, Budget
 from der.attention.layout import BlockLayout, num_blocks
 from der.functional import soft_assign
 
-__all__ = ["anchor_block_scores", "select_blocks", "static_layout", "dynamic_layout",
-           "attention_rule_layout", "query_routing"]
+__all__ = ["anchor_block_scores", "select_blocks", "reselect", "static_layout", "dynamic_layout",
+           "attention_rule_layout", "query_routing", "valid_blocks", "block_means"]
 
 
 def _blocked(p: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -91,11 +95,10 @@ def anchor_block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor |
     """
     if p.dim() < 2:
         raise ValueError(f"p must be (..., N, k), got shape {tuple(p.shape)}")
-    p = p.double()
-    w = torch.ones(p.shape[:-1], dtype=p.dtype, device=p.device) if weight is None else weight.double()
-    wp = _blocked(p * w.unsqueeze(-1), block_size)  # (..., nb, bs, k)
-    ww = _blocked(w.unsqueeze(-1), block_size).sum(-2)  # (..., nb, 1): valid tokens per block
-    mass = wp.sum(-2)  # M (..., nb, k)
+    w = torch.ones(p.shape[:-1], dtype=p.dtype, device=p.device) if weight is None else weight.to(p.dtype)
+    wp = _blocked(p * w.unsqueeze(-1), block_size)  # (..., nb, bs, k), in p's dtype
+    ww = _blocked(w.unsqueeze(-1), block_size).sum(-2).double()  # (..., nb, 1): valid tokens per block
+    mass = wp.sum(-2).double()  # M (..., nb, k): the block sums, then float64
     size = mass.sum(-2, keepdim=True).clamp_min(1e-12)  # n_j
     cols = mass / size
     if route is None:
@@ -105,17 +108,22 @@ def anchor_block_scores(p: torch.Tensor, block_size: int, weight: torch.Tensor |
         if g > 1:
             cols, ww, w = (t.repeat_interleave(g, dim=-3) for t in (cols, ww, w.unsqueeze(-1)))
             w = w.squeeze(-1)
-        rows = _blocked(route.double() * w.unsqueeze(-1), block_size).sum(-2) / ww.clamp_min(1e-12)
+        rows = _blocked(route * w.unsqueeze(-1).to(route.dtype), block_size).sum(-2).double() / ww.clamp_min(1e-12)
     return rows @ cols.transpose(-1, -2)
 
 
-def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False, budget: Budget = "head"
-                  ) -> torch.Tensor:
+def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False, budget: Budget = "head",
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """Step 4 of the rule: ``scores: (..., nb, nb)`` → bool block mask at the target sparsity.
 
     ``budget="head"``: exactly ``K`` blocks per head, spread over rows by score (default). ``budget="row"``:
     every query block keeps its own ``b = max(1, round((1 - sparsity) · valid))`` best blocks (valid: nb, or
     the row's causal prefix) — uniform rows, which a block-sparse kernel pads least (the paper's "top-b").
+
+    ``valid: (..., nb)`` bool (broadcast with ``scores.shape[:-1]``; e.g. ``(B, 1, nb)``) marks the blocks
+    that cover real tokens of a padded sequence: blocks of pure padding are never kept (their rows stay
+    empty) and the budget is the same fraction of the valid blocks only (``nv`` counted over valid rows
+    and columns).
     """
     if not (0.0 <= sparsity < 1.0):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
@@ -130,6 +138,8 @@ def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False, b
     s = s.masked_fill(torch.eye(nb, dtype=torch.bool, device=s.device), math.inf)
     if causal:
         s = s.masked_fill(idx[None, :] > idx[:, None], -math.inf)
+    if valid is not None:
+        return _select_valid(s, sparsity, causal, budget, valid)
     if budget == "row":
         valid = (idx + 1) if causal else torch.full_like(idx, nb)
         b = (valid.double() * (1.0 - sparsity)).round().long().clamp(min=1)  # (nb,) blocks per row
@@ -143,6 +153,52 @@ def select_blocks(scores: torch.Tensor, sparsity: float, causal: bool = False, b
     top = flat.topk(k, dim=-1).indices
     out = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, True)
     return out.reshape(s.shape)
+
+
+def _select_valid(s: torch.Tensor, sparsity: float, causal: bool, budget: str, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`select_blocks` restricted to the ``valid`` blocks (``s``: tie-broken scores, diagonal ``+inf``,
+    causal future ``-inf``); budgets vary per leading index, so top-k takes the largest and masks slots."""
+    nb = s.shape[-1]
+    if valid.dtype != torch.bool or valid.shape[-1] != nb:
+        raise ValueError(f"valid must be a bool (..., nb={nb}) tensor, got {valid.dtype} {tuple(valid.shape)}")
+    lead = torch.broadcast_shapes(s.shape[:-1], valid.shape)  # e.g. (1, H, nb) scores × (B, 1, nb) valid
+    valid, s = valid.to(s.device).expand(lead), s.expand(*lead, nb)
+    pair = valid[..., :, None] & valid[..., None, :]
+    if causal:
+        pair = pair & torch.ones(nb, nb, dtype=torch.bool, device=s.device).tril()
+    s = s.masked_fill(~pair, -math.inf)
+    per_row = pair.sum(-1)  # (..., nb) valid key blocks of each query block (0 for padding rows)
+    if budget == "row":
+        b = (per_row.double() * (1.0 - sparsity)).round().long().clamp(min=1) * valid
+        top = s.topk(max(1, int(b.max())), dim=-1).indices
+        slot_ok = torch.arange(top.shape[-1], device=s.device) < b[..., None]
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, slot_ok)
+    nv = per_row.sum(-1)  # (...,)
+    k = torch.maximum(valid.sum(-1), ((1.0 - sparsity) * nv.double()).round().long())
+    flat = s.reshape(*s.shape[:-2], nb * nb)
+    top = flat.topk(max(1, int(k.max())), dim=-1).indices
+    slot_ok = torch.arange(top.shape[-1], device=s.device) < k[..., None]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, top, slot_ok).reshape(s.shape)
+
+
+def reselect(layout: BlockLayout, sparsity: float, budget: Budget = "head", seq_len: int | None = None,
+             valid: torch.Tensor | None = None) -> BlockLayout:
+    """A layout with calibrated ``scores`` re-selected for ``seq_len`` tokens (its top-left block scores) and,
+    with ``valid: (B, nb)`` bool (blocks covering real tokens), per sequence over its valid blocks only —
+    the same budget as the calibrated layout, never a crop of its mask. Raises without ``scores``."""
+    if layout.scores is None:
+        raise ValueError("reselect needs a layout with calibrated block scores (layout.scores is None)")
+    n = layout.q_len if seq_len is None else seq_len
+    nb = num_blocks(n, layout.block_size)
+    if nb > layout.n_blocks[0]:
+        raise ValueError(f"cannot re-select {n} tokens from a layout of {layout.q_len}")
+    sc = layout.scores[..., :nb, :nb]
+    if valid is not None:
+        if valid.dim() != 2 or valid.shape[-1] != nb:
+            raise ValueError(f"valid must be (B, nb={nb}) bool, got {tuple(valid.shape)}")
+        valid = valid[:, None, :]
+    mask = select_blocks(sc, sparsity, layout.causal, budget, valid)
+    return BlockLayout(mask, layout.block_size, n, layout.causal, sc if valid is None else None)
 
 
 def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, sparsity: float,
@@ -161,26 +217,90 @@ def static_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, spar
         return torch.where(c > 0, t.double() / c.clamp_min(1e-12), torch.full_like(t, 1.0 / k, dtype=torch.float64))
 
     r = None if route is None else mean(route)
-    mask = select_blocks(anchor_block_scores(mean(mass), block_size, route=r), sparsity, causal, budget)
-    return BlockLayout(mask, block_size, mass.shape[1], causal)
+    scores = anchor_block_scores(mean(mass), block_size, route=r)
+    mask = select_blocks(scores, sparsity, causal, budget)
+    return BlockLayout(mask, block_size, mass.shape[1], causal, scores)
+
+
+def valid_blocks(key_padding_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(B, nb)`` bool: the blocks of ``key_padding_mask: (B, N)`` (True = real token) holding a real token."""
+    B, n = key_padding_mask.shape
+    nb = num_blocks(n, block_size)
+    m = torch.nn.functional.pad(key_padding_mask.bool(), (0, nb * block_size - n))
+    return m.view(B, nb, block_size).any(-1)
+
+
+def block_means(x: torch.Tensor, block_size: int, w: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean of ``x: (B, H, N, D)`` over each block's tokens (weights ``w: (B, N)``, default 1) →
+    ``(B, H, nb, D)``, and the blocks' weight sums ``(B, nb)`` (a block of zero weight has mean 0).
+    Sums in the memory order of ``x`` (HF projections are ``(B, N, H, D)`` underneath), no padded copy."""
+    B, H, N, D = x.shape
+    nb = num_blocks(N, block_size)
+    full = N // block_size
+    xt = x.transpose(1, 2)  # (B, N, H, D): contiguous for heads split out of a projection
+    if w is not None:
+        xt = xt * w[:, :, None, None].to(x.dtype)
+    sums = xt[:, :full * block_size].unflatten(1, (full, block_size)).sum(2)  # (B, full, H, D)
+    if full < nb:  # the short last block
+        sums = torch.cat([sums, xt[:, full * block_size:].sum(1, keepdim=True)], dim=1)
+    if w is None:
+        cnt = torch.full((B, nb), float(block_size), dtype=x.dtype, device=x.device)
+        cnt[:, -1] = N - (nb - 1) * block_size
+    else:
+        cnt = torch.nn.functional.pad(w.to(x.dtype), (0, nb * block_size - N)).view(B, nb, block_size).sum(-1)
+    return (sums / cnt[:, :, None, None].clamp_min(1.0)).transpose(1, 2), cnt
+
+
+def _assign(x: torch.Tensor, anchors: torch.Tensor, alpha: float, metric: str) -> torch.Tensor:
+    """Soft assignments (Eq. 2) of the pooled blocks ``x (B, H, nb, D)`` in float32 for block selection.
+    ``sqeuclidean``: one batched matmul on anchor-centred points, :math:`-\alpha\|x-c\|^2 = 2\alpha x\cdot c
+    - \alpha\|c\|^2 + \text{const}` (selection needs ranks, not :func:`~der.functional.soft_assign`'s
+    exact float64 promotion); other metrics: :func:`~der.functional.soft_assign`."""
+    if metric != "sqeuclidean":
+        return soft_assign(x, anchors, alpha=alpha, metric=metric).float()
+    c = anchors.float()
+    shift = c.mean(-2, keepdim=True)
+    c = c - shift
+    logits = torch.matmul(x.float() - shift, c.transpose(-1, -2)).mul_(2.0 * alpha)
+    return torch.softmax(logits.sub_(alpha * (c * c).sum(-1).unsqueeze(-2)), dim=-1)
 
 
 def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, sparsity: float,
                    alpha: float, metric: str = "sqeuclidean", causal: bool = False,
                    key_mask: torch.Tensor | None = None, queries: torch.Tensor | None = None,
                    scale: float | None = None, budget: Budget = "head") -> BlockLayout:
-    """Per-input ``(B, H, nb, nb)`` layout: ``keys: (B, H, N, Dh)``, ``anchors: (H, k, Dh)``; with
-    ``queries: (B, Hq, N, Dh)`` the query blocks are routed by :func:`query_routing` (``Hq`` heads out)."""
+    """Per-input ``(B, H, nb, nb)`` layout from pooled blocks (module docstring): ``keys: (B, H, N, Dh)``,
+    ``anchors: (H, k, Dh)``; with ``queries: (B, Hq, N, Dh)`` the query blocks are routed by
+    :func:`query_routing` of their mean query (``Hq`` heads out). With ``key_mask (B, N)`` padded tokens
+    are left out of the means, blocks of pure padding are skipped and the budget counts real blocks only."""
     with torch.no_grad():
-        p = soft_assign(keys, anchors, alpha=alpha, metric=metric)
-        w = None if key_mask is None else key_mask[:, None, :].expand(p.shape[:-1])
+        N = keys.shape[2]
+        w = None if key_mask is None else key_mask.float()
+        kbar, cnt = block_means(keys.float(), block_size, w)  # (B, H, nb, Dh), (B, nb)
+        mass = _assign(kbar, anchors, alpha, metric) * cnt[:, None, :, None]  # M ≈ |b| p(k̄_b)
         r = None
         if queries is not None:
-            pw = p if w is None else p * w.unsqueeze(-1)
-            r = query_routing(queries.to(p.dtype), anchors.to(p.dtype), pw.sum(-2),
-                              scale if scale is not None else queries.shape[-1] ** -0.5)
-        mask = select_blocks(anchor_block_scores(p, block_size, w, route=r), sparsity, causal, budget)
-        return BlockLayout(mask, block_size, keys.shape[2], causal)
+            qbar, _ = block_means(queries.float(), block_size, w)
+            r = query_routing(qbar, anchors.float(), mass.sum(-2), scale if scale is not None else queries.shape[-1] ** -0.5)
+        valid = None if key_mask is None else (cnt > 0)[:, None, :]
+        scores = _pooled_scores(mass, r)
+        mask = select_blocks(scores, sparsity, causal, budget, valid)
+        return BlockLayout(mask, block_size, N, causal)
+
+
+def _pooled_scores(mass: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
+    """:math:`S = R\,(M / n)^\top` from block masses ``mass (B, H, nb, k)`` and the routing ``route (B, Hq, nb, k)``
+    (None: :math:`R = M / |b|`, shared query/key routing); float64 ``(B, Hq, nb, nb)``."""
+    m = mass.double()
+    cols = m / m.sum(-2, keepdim=True).clamp_min(1e-12)
+    if route is None:
+        rows = m / m.sum(-1, keepdim=True).clamp_min(1e-12)
+    else:
+        rows = route.double()
+        g = rows.shape[1] // cols.shape[1]
+        cols = cols.repeat_interleave(g, dim=1) if g > 1 else cols
+    return rows @ cols.transpose(-1, -2)
 
 
 def attention_rule_layout(mass: torch.Tensor, count: torch.Tensor, block_size: int, seq_len: int,
@@ -193,4 +313,4 @@ def attention_rule_layout(mass: torch.Tensor, count: torch.Tensor, block_size: i
         raise ValueError(f"mass must be (H, nb, nb) and count (nb,), got {tuple(mass.shape)}, {tuple(count.shape)}")
     c = count.double()[None, :, None]
     scores = torch.where(c > 0, mass.double() / c.clamp_min(1e-12), torch.full_like(mass, 1.0 / nb, dtype=torch.float64))
-    return BlockLayout(select_blocks(scores, sparsity, causal, budget), block_size, seq_len, causal)
+    return BlockLayout(select_blocks(scores, sparsity, causal, budget), block_size, seq_len, causal, scores)

@@ -7,6 +7,8 @@
 * :func:`cifar_dataset` (CIFAR-10/100 python pickles), :func:`imagenet_folder` (``root/<split>/<class>/*``),
   :func:`wikitext_dataset` (raw ``wiki.{train,valid,test}.raw``), :func:`glue_dataset` (GLUE TSVs),
   :func:`cnndm_dataset` (CNN/DailyMail CSV or JSONL) for the full-scale configs.
+* :func:`calibration_text` — 64 short English passages shipped with the library (package data), the
+  built-in calibration sample of ``der sparsify``.
 """
 
 from der._lazy import lazy_getattr
@@ -25,6 +27,7 @@ _TABLE = {
     "GLUE_TASKS": ".nlp",
     "cnndm_dataset": ".nlp",
     "TextPairs": ".nlp",
+    "calibration_text": "._builtin",
 }
 __all__ = sorted(_TABLE)
 __getattr__ = lazy_getattr(__name__, _TABLE)

@@ -1,11 +1,11 @@
 """numba kernels for the exact 2D hull: robust orientation, monotone chain, extreme-direction filter.
 
-Exactness rests on one predicate, :func:`orient`, the sign of
-``(a - c) x (b - c)`` computed exactly: Shewchuk's floating-point filter (error bound
-``ccwerrboundA``) decides almost every call; the rest fall back to an exact 12-term expansion sum of
-Dekker/Veltkamp products of the coordinates scaled by one power of two per call (exact), so that no
-product overflows or underflows unless a coordinate is nonzero but below ~2^-1000 times the largest
-coordinate of the same triple.
+Exactness rests on one predicate, :func:`orient`, the sign of ``(a - c) x (b - c)`` computed exactly
+for any finite doubles: Shewchuk's floating-point filter (error bound ``ccwerrboundA``) decides
+almost every call; the rest go through Shewchuk's adaptive stages B, C, D (``orient2dadapt``, on stack
+buffers: no heap allocation) when the triple's magnitudes rule out underflow and overflow of every
+product, and otherwise (subnormal or huge coordinates) through an integer superaccumulator that sums
+the six coordinate products exactly.
 
 All kernels use ``cache=True`` so compilation happens once per machine, not per process.
 """
@@ -17,72 +17,138 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from der.geometry._expansion import (estimate, fast_expansion_sum, stack_f64, stack_i64, store4,
+                                     two_diff_tail, two_prod, two_sum, two_two_diff)
+
 _EPS = 2.0**-53
-_SPLITTER = 134217729.0  # 2^27 + 1 (Veltkamp split for float64)
 _CCW_ERRBOUND_A = (3.0 + 16.0 * _EPS) * _EPS
+_CCW_ERRBOUND_B = (2.0 + 12.0 * _EPS) * _EPS
+_CCW_ERRBOUND_C = (9.0 + 64.0 * _EPS) * _EPS * _EPS
+_RESULT_ERRBOUND = (3.0 + 8.0 * _EPS) * _EPS
+_MASK27 = (1 << 27) - 1
+_MASK30 = (1 << 30) - 1
+_LIMBS = 150  # 30-bit limbs: every product of two finite doubles, 2^-2252 .. 2^2048, plus carries
 _TINY = 2.0**-900  # below this a float determinant may have underflowed: decide exactly
 
 
-@njit(cache=True, inline="always")
-def _two_sum(a: float, b: float):
-    x = a + b
-    bv = x - a
-    av = x - bv
-    return x, (a - av) + (b - bv)
+@njit(cache=True)
+def _orient_adapt(ax, ay, bx, by, cx, cy, detsum) -> float:
+    """Shewchuk's ``orient2dadapt`` (stages B, C, D) on stack buffers: exact sign, valid while every
+    coordinate product of the triple is free of underflow and overflow (:func:`_adapt_safe`)."""
+    acx, bcx = ax - cx, bx - cx
+    acy, bcy = ay - cy, by - cy
+    dl1, dl0 = two_prod(acx, bcy)
+    dr1, dr0 = two_prod(acy, bcx)
+    B = stack_f64(4)
+    store4(B, two_two_diff(dl1, dl0, dr1, dr0))
+    det = estimate(4, B)
+    bound = _CCW_ERRBOUND_B * detsum
+    if det >= bound or -det >= bound:
+        return det
+    acxt, bcxt = two_diff_tail(ax, cx, acx), two_diff_tail(bx, cx, bcx)
+    acyt, bcyt = two_diff_tail(ay, cy, acy), two_diff_tail(by, cy, bcy)
+    if acxt == 0.0 and acyt == 0.0 and bcxt == 0.0 and bcyt == 0.0:
+        return det
+    bound = _CCW_ERRBOUND_C * detsum + _RESULT_ERRBOUND * abs(det)
+    det += (acx * bcyt + bcy * acxt) - (acy * bcxt + bcx * acyt)
+    if det >= bound or -det >= bound:
+        return det
+    u = stack_f64(4)
+    C1 = stack_f64(8)
+    C2 = stack_f64(12)
+    D = stack_f64(16)
+    s1, s0 = two_prod(acxt, bcy)
+    t1, t0 = two_prod(acyt, bcx)
+    store4(u, two_two_diff(s1, s0, t1, t0))
+    c1 = fast_expansion_sum(4, B, 4, u, C1)
+    s1, s0 = two_prod(acx, bcyt)
+    t1, t0 = two_prod(acy, bcxt)
+    store4(u, two_two_diff(s1, s0, t1, t0))
+    c2 = fast_expansion_sum(c1, C1, 4, u, C2)
+    s1, s0 = two_prod(acxt, bcyt)
+    t1, t0 = two_prod(acyt, bcxt)
+    store4(u, two_two_diff(s1, s0, t1, t0))
+    d = fast_expansion_sum(c2, C2, 4, u, D)
+    return D[d - 1]
 
 
 @njit(cache=True, inline="always")
-def _two_prod(a: float, b: float):
-    x = a * b
-    c = _SPLITTER * a
-    ahi = c - (c - a)
-    alo = a - ahi
-    c = _SPLITTER * b
-    bhi = c - (c - b)
-    blo = b - bhi
-    err = x - ahi * bhi - alo * bhi - ahi * blo
-    return x, alo * blo - err
+def _adapt_safe(ax, ay, bx, by, cx, cy) -> bool:
+    """All six coordinates are zero or in [2^-485, 2^509] in magnitude: every coordinate is then a
+    multiple of a grain g >= 2^-537 and below 2^509, so every product in :func:`_orient_adapt` is a
+    multiple of g^2 >= 2^-1074 (never rounded by underflow) and finite."""
+    lo = np.inf
+    hi = 0.0
+    for v in (ax, ay, bx, by, cx, cy):
+        a = abs(v)
+        hi = max(hi, a)
+        if a != 0.0:
+            lo = min(lo, a)
+    return hi <= 2.0**509 and lo >= 2.0**-485
+
+
+@njit(cache=True, inline="always")
+def _mant(v: float):
+    """``|v| = m * 2^e`` with integer ``m < 2^53``; ``(m, e)``, ``e >= -1126``."""
+    f, e = math.frexp(abs(v))
+    return np.int64(f * 9007199254740992.0), e - 53
+
+
+@njit(cache=True, inline="always")
+def _acc_add(acc, x, q, sgn) -> None:
+    """``acc += sgn * x * 2^q`` for ``0 <= x < 2^60`` on 30-bit limbs (no carries yet)."""
+    lim = q // 30
+    s = q - 30 * lim
+    v = (x & _MASK30) << s
+    acc[lim] += sgn * (v & _MASK30)
+    acc[lim + 1] += sgn * (v >> 30)
+    v = (x >> 30) << s
+    acc[lim + 1] += sgn * (v & _MASK30)
+    acc[lim + 2] += sgn * (v >> 30)
+
+
+@njit(cache=True)
+def _orient_limbs(ax, ay, bx, by, cx, cy) -> float:
+    """Exact sign of ``ax*by - ax*cy - cx*by - ay*bx + ay*cx + cy*bx`` for *any* finite doubles
+    (subnormals included): the six products of 53-bit mantissas are summed exactly in an integer
+    accumulator of 30-bit limbs spanning every exponent (a superaccumulator)."""
+    acc = stack_i64(150)  # _LIMBS
+    for i in range(_LIMBS):
+        acc[i] = 0
+    for u, v, sg in ((ax, by, 1), (ax, cy, -1), (cx, by, -1), (ay, bx, -1), (ay, cx, 1), (cy, bx, 1)):
+        if u == 0.0 or v == 0.0:
+            continue
+        mu, eu = _mant(u)
+        mv, ev = _mant(v)
+        if (u < 0.0) != (v < 0.0):
+            sg = -sg
+        q = eu + ev + 2252
+        u1, u0 = mu >> 27, mu & _MASK27
+        v1, v0 = mv >> 27, mv & _MASK27
+        _acc_add(acc, u0 * v0, q, sg)
+        _acc_add(acc, u0 * v1, q + 27, sg)
+        _acc_add(acc, u1 * v0, q + 27, sg)
+        _acc_add(acc, u1 * v1, q + 54, sg)
+    carry = 0
+    nonzero = False
+    for i in range(_LIMBS):
+        v = acc[i] + carry
+        carry = v >> 30
+        if v & _MASK30:
+            nonzero = True
+    if carry < 0:
+        return -1.0
+    return 1.0 if (carry > 0 or nonzero) else 0.0
 
 
 @njit(cache=True)
 def _orient_exact(ax, ay, bx, by, cx, cy) -> float:
-    """Exact sign of ax*by - ax*cy - cx*by - ay*bx + ay*cx + cy*bx (as -1.0, 0.0 or 1.0).
-
-    The six coordinates are first scaled by one power of two (exact; the sign is invariant) so the
-    largest is ~2^500: products then neither overflow nor, unless a coordinate is below ~2^-1000
-    times the largest one of the same triple, underflow."""
-    big = max(max(abs(ax), abs(ay)), max(max(abs(bx), abs(by)), max(abs(cx), abs(cy))))
-    if big == 0.0:
-        return 0.0
-    k = 500 - math.frexp(big)[1]
-    ax, ay, bx, by = math.ldexp(ax, k), math.ldexp(ay, k), math.ldexp(bx, k), math.ldexp(by, k)
-    cx, cy = math.ldexp(cx, k), math.ldexp(cy, k)
-    terms = np.empty(12)
-    prods = ((ax, by), (ax, -cy), (-cx, by), (-ay, bx), (ay, cx), (cy, bx))
-    k = 0
-    for u, v in prods:
-        hi, lo = _two_prod(u, v)
-        terms[k] = hi
-        terms[k + 1] = lo
-        k += 2
-    # grow a non-overlapping expansion (Shewchuk's Grow-Expansion with zero elimination)
-    e = np.zeros(13)
-    m = 0
-    for t in range(12):
-        q = terms[t]
-        j = 0
-        for i in range(m):
-            q, h = _two_sum(q, e[i])
-            if h != 0.0:
-                e[j] = h
-                j += 1
-        if q != 0.0:
-            e[j] = q
-            j += 1
-        m = j
-    if m == 0:
-        return 0.0
-    return 1.0 if e[m - 1] > 0.0 else -1.0
+    """Exact orientation when the float filter cannot decide: Shewchuk's adaptive stages where no
+    product can underflow or overflow, else the integer superaccumulator."""
+    if _adapt_safe(ax, ay, bx, by, cx, cy):
+        detsum = abs((ax - cx) * (by - cy)) + abs((ay - cy) * (bx - cx))
+        return _orient_adapt(ax, ay, bx, by, cx, cy, detsum)
+    return _orient_limbs(ax, ay, bx, by, cx, cy)
 
 
 @njit(cache=True)

@@ -30,7 +30,7 @@ def stable_argsort(d):
     for i in range(n):
         top = max(top, d[i])
     scale = (n - 1) / top if top > 0.0 else 0.0
-    if not np.isfinite(scale):
+    if not (np.isfinite(scale) and np.isfinite(top)):  # (a distance overflowed to inf)
         return np.argsort(d, kind="mergesort")
     key = np.empty(n, dtype=np.int64)
     start = np.zeros(n + 1, dtype=np.int64)

@@ -44,7 +44,7 @@ def _link(he, a: int, b: int) -> None:
 def _hash_key(x, y, cx, cy, size) -> int:
     dx, dy = x - cx, y - cy
     s = abs(dx) + abs(dy)
-    if not s > 0.0:
+    if not 0.0 < s < np.inf:  # (coincident, or overflowed for coordinates near 1e308)
         return 0
     p = dx / s
     a = (3.0 - p if dy > 0.0 else 1.0 + p) / 4.0  # pseudo-angle in [0, 1]
@@ -219,7 +219,7 @@ def _seed(X, Y):
     n = X.shape[0]
     cx = 0.5 * (X.min() + X.max())
     cy = 0.5 * (Y.min() + Y.max())
-    i0 = i1 = i2 = -1
+    i0, i1, i2 = 0, -1, -1  # (distances may overflow to inf for coordinates near 1e308)
     best = np.inf
     for i in range(n):
         d = (X[i] - cx) ** 2 + (Y[i] - cy) ** 2
@@ -227,9 +227,10 @@ def _seed(X, Y):
             i0, best = i, d
     best = np.inf
     for i in range(n):
-        d = (X[i] - X[i0]) ** 2 + (Y[i] - Y[i0]) ** 2
-        if d < best and (X[i] != X[i0] or Y[i] != Y[i0]):
-            i1, best = i, d
+        if X[i] != X[i0] or Y[i] != Y[i0]:
+            d = (X[i] - X[i0]) ** 2 + (Y[i] - Y[i0]) ** 2
+            if i1 == -1 or d < best:
+                i1, best = i, d
     if i1 == -1:
         return i0, i1, i2
     best = np.inf

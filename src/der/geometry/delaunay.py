@@ -15,9 +15,10 @@ Methods:
   smallest index takes part. The sweep order is a stable bucket sort of the distances (linear time),
   the coordinates are gathered into that order before the sweep (sequential reads, a compact
   working set at the sweep front), triangle and halfedge arrays are int32 below 2^31 / 6 points, and
-  the canonical form comes from a counting sort (:mod:`der.geometry._order`). Input whose largest coordinate is outside ``[2^-100, 2^100]`` is rescaled
-  by a power of two (exact); the predicates stay exact unless coordinate differences are below ~2^-240
-  times the largest coordinate.
+  the canonical form comes from a counting sort (:mod:`der.geometry._order`). The predicates
+  are exact for all finite doubles (:mod:`der.geometry._incircle`: Shewchuk's adaptive stages without
+  heap allocation); input whose largest coordinate is outside ``[2^-100, 2^100]`` is rescaled by a
+  power of two where that is exact (it keeps the float distances and centres of the sweep finite).
 * ``"qhull"`` -- ``scipy.spatial.Delaunay`` on the input as given.
 * ``"ordered"`` -- QHull on the points reordered along a Morton (Z-order)
   curve: QHull inserts points in input order and locates each new point by walking from recently
@@ -113,7 +114,10 @@ def _sweep(P: np.ndarray) -> np.ndarray:
     canonical form."""
     big = float(np.abs(P).max())
     if big > 0.0 and not 2.0**-100 <= big <= 2.0**100:
-        P = np.ldexp(P, -int(np.frexp(big)[1]))
+        e = -int(np.frexp(big)[1])
+        Q = np.ldexp(P, e)
+        if np.array_equal(np.ldexp(Q, -e), P):  # exact: no tiny coordinate lost bits
+            P = Q
     tri, ids = sweep_ranked(P[:, 0], P[:, 1], np.zeros(0, np.int64), index_proto(len(P)))
     return canonical_from_cw(tri, ids, len(P))
 

@@ -15,10 +15,10 @@ predicate (:mod:`der.geometry._kernels`), so they return the hull of the points 
 float64. QHull decides with floating-point tolerances and merges facets whose points are within its
 roundoff bound; on inputs in general position both agree, but where points lie within ~1e-15 of a
 hull edge (dense points on a circle) QHull may drop vertices that are strictly convex in exact
-arithmetic. Input is rescaled by a power of two (exact) when its magnitude is outside
-``[2^-400, 2^400]``, and the exact predicate rescales each triple again; it stays exact unless a
-coordinate is nonzero but smaller than ~2^-1000 times the largest coordinate of the same triple
-(e.g. 1e-308 beside 1.0), where an underflowed product can turn a tiny turn into "collinear".
+arithmetic. The orientation predicate is exact for all finite doubles (subnormals included). The
+float filters of ``auto`` need magnitudes in ``[2^-400, 2^400]``: other input is rescaled by a power
+of two where that is exact, else (coordinates spanning more than ~2^800) finished by the exact chain
+without filtering.
 
 **auto** (the paper's theme, §5.1: low-entropy structure makes hulls cheap): an exact,
 output-friendly variant of the Akl--Toussaint heuristic. The exact hull of a strided sample of 4096
@@ -65,8 +65,9 @@ def _prepare(points) -> tuple[np.ndarray, float]:
     _check_finite(P, big)
     if not _SAFE_LO <= big <= _SAFE_HI and big > 0.0:
         e = -int(np.frexp(big)[1])
-        P = np.ldexp(P, e)  # exact: only the exponent changes
-        big = float(np.ldexp(big, e))
+        Q = np.ldexp(P, e)
+        if np.array_equal(np.ldexp(Q, -e), P):  # exact (no tiny coordinate lost bits): only the exponent changed
+            P, big = Q, float(np.ldexp(big, e))
     return P, big
 
 
@@ -150,8 +151,8 @@ def _auto(P: np.ndarray, par: bool = False) -> np.ndarray:
             cand = np.union1d(q, idx[:: max(1, len(idx) // _SAMPLE)])
             return _refine(P, cand, idx, scale, par, _MAX_ROUNDS - 1)
     P, scale = _prepare(P)
-    if n <= _SMALL:
-        return _chain(P)
+    if n <= _SMALL or not _SAFE_LO <= scale <= _SAFE_HI:
+        return _chain(P)  # (coordinates spanning more than ~2^800: the exact chain, no float filter)
     return _refine(P, cand, None, scale, par, _MAX_ROUNDS)
 
 

