@@ -71,8 +71,9 @@ def _convert(model, method: str, sparsity: float, calib: list[dict], seed: int):
     if rule == "bigbird":
         lays = {s.name: bigbird_layout(SEQ, BLOCK, s.heads, sparsity, seed=seed + i)
                 for i, s in enumerate(handle.sites)}
-        return convert(model, sparsity, BLOCK, "static", layouts=lays)
-    return convert(model, sparsity, BLOCK, mode, rule=rule,
+        return convert(model, sparsity, BLOCK, "static", layouts=lays, min_seq_len=0)
+    # min_seq_len=0: measure quality block-sparse at 128 tokens (the default would run this length dense)
+    return convert(model, sparsity, BLOCK, mode, rule=rule, min_seq_len=0,
                    calib_inputs=calib if rule == "attention" else None)
 
 
