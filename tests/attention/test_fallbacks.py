@@ -9,8 +9,7 @@ from _der_hf_models import tiny_bert, tiny_gpt2, tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from der.attention import BlockLayout, DERConfig, block_sparse_attention, convert, inject
-from der.attention import _swap
+from der.attention import BlockLayout, DERConfig, _swap, block_sparse_attention, convert, inject
 from der.attention.rules import reselect, select_blocks, valid_blocks
 
 

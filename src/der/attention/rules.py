@@ -253,7 +253,7 @@ def block_means(x: torch.Tensor, block_size: int, w: torch.Tensor | None = None
 
 
 def _assign(x: torch.Tensor, anchors: torch.Tensor, alpha: float, metric: str) -> torch.Tensor:
-    """Soft assignments (Eq. 2) of the pooled blocks ``x (B, H, nb, D)`` in float32 for block selection.
+    r"""Soft assignments (Eq. 2) of the pooled blocks ``x (B, H, nb, D)`` in float32 for block selection.
     ``sqeuclidean``: one batched matmul on anchor-centred points, :math:`-\alpha\|x-c\|^2 = 2\alpha x\cdot c
     - \alpha\|c\|^2 + \text{const}` (selection needs ranks, not :func:`~der.functional.soft_assign`'s
     exact float64 promotion); other metrics: :func:`~der.functional.soft_assign`."""
@@ -290,7 +290,7 @@ def dynamic_layout(keys: torch.Tensor, anchors: torch.Tensor, block_size: int, s
 
 
 def _pooled_scores(mass: torch.Tensor, route: torch.Tensor | None) -> torch.Tensor:
-    """:math:`S = R\,(M / n)^\top` from block masses ``mass (B, H, nb, k)`` and the routing ``route (B, Hq, nb, k)``
+    r""":math:`S = R\,(M / n)^\top` from block masses ``mass (B, H, nb, k)`` and the routing ``route (B, Hq, nb, k)``
     (None: :math:`R = M / |b|`, shared query/key routing); float64 ``(B, Hq, nb, nb)``."""
     m = mass.double()
     cols = m / m.sum(-2, keepdim=True).clamp_min(1e-12)
