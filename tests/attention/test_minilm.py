@@ -33,11 +33,11 @@ def test_minilm_inject_convert_real_sentences(minilm):
         ent = h.entropy()
         assert ent.shape == (6, 12) and bool((ent >= 0).all()) and bool((ent <= math.log(8) + 1e-5).all())
         calib = [{"input_ids": ids}]
-        convert(model, 0.0, 16, "static", calib_inputs=calib)
+        convert(model, 0.0, 16, "static", calib_inputs=calib, min_seq_len=0)
         cos0 = (embed(model, ids) * dense).sum(-1)
         assert bool((cos0 > 0.9999).all())  # sparsity 0 is the dense model
         revert(model)
-        convert(model, 0.5, 16, "static", calib_inputs=calib)
+        convert(model, 0.5, 16, "static", calib_inputs=calib, min_seq_len=0)
         cos = (embed(model, ids) * dense).sum(-1)
         assert h.dense_fallbacks == {}
         assert bool((cos < 0.99999).any()) and float(cos.mean()) > 0.5  # really sparse, still related
