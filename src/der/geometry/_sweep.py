@@ -51,6 +51,15 @@ def _hash_key(x, y, cx, cy, size) -> int:
     return int(math.floor(a * size)) % size
 
 
+@njit(cache=True, inline="always")
+def _unhash(hull_hash, x, y, cx, cy, size, v) -> None:
+    """Clear ``v``'s slot when it leaves the hull: the search for a live vertex then skips empty
+    slots (a sequential scan) instead of following stale vertices into cold memory."""
+    k = _hash_key(x, y, cx, cy, size)
+    if hull_hash[k] == v:
+        hull_hash[k] = -1
+
+
 @njit(cache=True)
 def _add_tri(tri, he, tlen, i0, i1, i2, a, b, c) -> int:
     tri[tlen], tri[tlen + 1], tri[tlen + 2] = i0, i1, i2
@@ -391,6 +400,7 @@ def _sweep_core(X, Y, i0, i1, i2, cx, cy, proto):
             tlen += 3
             hull_tri[i] = _legalize(X, Y, tri, he, hull_prev, hull_tri, hull_start, stack, t + 2)
             hull_next[nn] = nn  # removed from the hull
+            _unhash(hull_hash, X[nn], Y[nn], cx, cy, size, nn)
             nn = q
         if e == start:
             while True:
@@ -402,6 +412,7 @@ def _sweep_core(X, Y, i0, i1, i2, cx, cy, proto):
                 _legalize(X, Y, tri, he, hull_prev, hull_tri, hull_start, stack, t + 2)
                 hull_tri[q] = t
                 hull_next[e] = e
+                _unhash(hull_hash, X[e], Y[e], cx, cy, size, e)
                 e = q
         hull_start = e
         hull_prev[i] = e
