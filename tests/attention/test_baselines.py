@@ -190,3 +190,23 @@ def test_moba_layout_matches_loop_reference(causal):
         moba_layout(q[:, :3], k, bs, 0.5)
     with pytest.raises(ValueError, match="key_padding_mask"):
         moba_layout(q, k, bs, 0.5, key_padding_mask=kpm.float())
+
+
+def test_bigbird_scores_rank_its_own_blocks_and_reselect_at_the_budget():
+    from der.attention.metrics import real_density
+    from der.attention.rules import reselect, select_blocks
+
+    lay = bigbird_layout(256, 16, 3, 0.75, seed=1)
+    assert lay.scores is not None
+    assert torch.equal(select_blocks(lay.scores, 0.75, False, "head"), lay.mask)  # the mask is its own top-K
+    kept, dropped = lay.scores[lay.mask], lay.scores[~lay.mask]
+    assert float(kept.min()) > float(dropped.max())
+    assert bool(lay.mask[..., 0].all())  # the global block survives every re-selection first
+    valid = torch.zeros(2, 16, dtype=torch.bool)
+    valid[0, :6] = True
+    valid[1] = True
+    small = reselect(lay, 0.75, valid=valid)
+    kv = valid.repeat_interleave(16, 1)
+    assert real_density(small, kv) == pytest.approx(0.5 * (max(6, round(0.25 * 36)) / 36 + 0.25), abs=0.03)
+    extra = small.mask[0, :, :6, :6] & ~torch.eye(6, dtype=torch.bool)
+    assert bool(extra[..., 1:].sum() == 0) and int(extra.sum()) == 3 * 3  # the budget went to the global block

@@ -36,13 +36,15 @@ def test_zero_sparsity_equals_dense(name, mode):
         torch.testing.assert_close(fwd(model, x), ref)
 
 
+@pytest.mark.parametrize("rule", ["auto", "anchors", "bigbird"])
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
-def test_sparse_kernel_equals_masked_dense_reference(name):
+def test_sparse_kernel_equals_masked_dense_reference(name, rule):
     outs, lays = {}, {}
     for backend in ("gather", "dense"):
         model, fwd, x, ref, h = _setup(name)
         calib = [{"input_ids": x}] if name == "bert" else [x]
-        convert(model, min_seq_len=0, sparsity=0.5, calib_inputs=calib, backend=backend)
+        convert(model, min_seq_len=0, sparsity=0.5, calib_inputs=calib, backend=backend, rule=rule)
+        assert h.converted.rule == {"auto": "attention"}.get(rule, rule)
         with torch.no_grad():
             outs[backend] = fwd(model, x)
         lays[backend] = h.converted.layouts
@@ -54,12 +56,15 @@ def test_sparse_kernel_equals_masked_dense_reference(name):
     causal = name != "bert"
     for lay in lays["gather"].values():
         assert isinstance(lay, BlockLayout) and lay.causal == causal and lay.seq_len == 64
-        assert lay.shape == (1, 4, 4, 4) and (not causal or not bool(lay.mask.triu(1).any()))
+        heads = 4 if rule != "bigbird" else h.sites[0].heads  # BigBird: one layout per kv head (GQA-shared)
+        assert lay.shape == (1, heads, 4, 4) and (not causal or not bool(lay.mask.triu(1).any()))
 
 
-def test_dynamic_layouts_are_per_input_and_gqa_expanded():
+@pytest.mark.parametrize("rule", ["auto", "anchors"])
+def test_dynamic_layouts_are_per_input_and_gqa_expanded(rule):
     model, fwd, x, ref, h = _setup("llama", mode="dynamic")
-    convert(model, min_seq_len=0, sparsity=0.5)
+    convert(model, min_seq_len=0, sparsity=0.5, rule=rule)
+    assert h.converted.rule == {"auto": "moba"}.get(rule, rule)
     seen = []
     import der.attention._swap as C
 
@@ -129,11 +134,34 @@ def test_longer_than_calibrated_and_too_short():
 def test_needs_calibration_and_injection():
     model, fwd, x, ref, h = _setup("bert")
     with pytest.raises(ValueError, match="calibration"):
-        convert(model)
+        convert(model, rule="anchors")
     with pytest.raises(ValueError, match="inject"):
         convert(tiny_bert())
     with pytest.raises(ValueError, match="sparsity"):
         convert(model, min_seq_len=0, sparsity=1.5)
+
+
+def test_auto_rule_follows_what_was_passed():
+    model, fwd, x, ref, h = _setup("bert")
+    calib = [{"input_ids": x}]
+    convert(model, min_seq_len=0, sparsity=0.5)  # nothing passed: training-free BigBird, no warning
+    assert h.converted.rule == "bigbird"
+    lay = next(iter(h.converted.layouts.values()))
+    assert lay.scores is not None and lay.sparsity() == pytest.approx(0.5)
+    revert(model)
+    with h.calibrate(), torch.no_grad():
+        model(input_ids=x)
+    with pytest.warns(UserWarning, match='rule="anchors"'):  # DER statistics present but unused: said so
+        convert(model, min_seq_len=0, sparsity=0.5)
+    revert(model)
+    convert(model, min_seq_len=0, sparsity=0.5, rule="anchors")
+    assert h.converted.rule == "anchors"
+    revert(model)
+    convert(model, min_seq_len=0, sparsity=0.5, calib_inputs=calib)
+    assert h.converted.rule == "attention"
+    revert(model)
+    with pytest.raises(ValueError, match="static"):
+        convert(model, min_seq_len=0, sparsity=0.5, mode="dynamic", rule="bigbird")
 
 
 def test_trains_through_block_sparse_kernel():

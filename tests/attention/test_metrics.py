@@ -197,3 +197,32 @@ def test_recall_bad_input():
         attention_mass_recall(torch.rand(1, 2, 8, 8), lay, query_mask=torch.ones(1, 7, dtype=torch.bool))
     with pytest.raises(TypeError, match="BlockLayout"):
         attention_mass_recall(torch.rand(1, 2, 8, 8), lay.mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_real_density_counts_kept_pairs_of_real_blocks(causal):
+    from der.attention.metrics import real_density
+
+    g = torch.Generator().manual_seed(3)
+    bs, n, B, H = 8, 37, 3, 2
+    nb = -(-n // bs)
+    mask = torch.rand(B, H, nb, nb, generator=g) < 0.4
+    lay = BlockLayout(mask, bs, n, causal)
+    kv = torch.zeros(B, n, dtype=torch.bool)
+    for b, m in enumerate((n, 20, 3)):
+        kv[b, :m] = True
+    want = []
+    for b in range(B):
+        real = [bool(kv[b, i * bs:(i + 1) * bs].any()) for i in range(nb)]
+        for h in range(H):
+            pairs = kept = 0
+            for i in range(nb):
+                for j in range(nb):
+                    if real[i] and real[j] and (not causal or j <= i):
+                        pairs += 1
+                        kept += bool(mask[b, h, i, j])
+            want.append(kept / pairs)
+    assert real_density(lay, kv) == pytest.approx(sum(want) / len(want), abs=1e-12)
+    assert real_density(lay) == pytest.approx(lay.density(), abs=1e-12)
+    with pytest.raises(ValueError, match="key_valid"):
+        real_density(lay, kv[:, :5])

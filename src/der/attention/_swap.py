@@ -290,6 +290,7 @@ def _sparse_call(state: ConvertState, site: DERSite, module: nn.Module, q, k, v,
     if state.mode == "static" and state.min_seq_len and _skipped_per_row(lay) < MIN_SKIPPED_BLOCKS:
         _fallback(handle, f"too few key blocks skipped (< {MIN_SKIPPED_BLOCKS:g} per query block)")
         return None
+    site.extra["last_layout"] = (lay, kpm)  # what this call computes (metrics.real_density, recall reports)
     if dropout and module.training:
         if "dropout_ignored" not in handle.dense_fallbacks:
             warnings.warn("DER block-sparse attention: attention dropout is not applied by the kernel", stacklevel=4)

@@ -153,14 +153,20 @@ def bigbird_layout(seq_len: int, block_size: int, heads: int, sparsity: float, s
     """BigBird: global key blocks + window + random blocks (per head, seeded), ``b`` per row.
 
     ``num_random`` defaults to a third of the non-global budget (BigBird-ITC's 3 window + 2 random +
-    2 global blocks of 7 has the same flavour).
+    2 global blocks of 7 has the same flavour). The layout carries block ``scores`` ranking its own blocks
+    (global, then window by distance, then random, then the nearest dropped ones), so a padded or shorter
+    input is re-selected at the same budget over its real blocks
+    (:func:`~der.attention.rules.reselect`) instead of cropped.
     """
     nb = num_blocks(seq_len, block_size)
     b = blocks_per_row(nb, sparsity)
     if num_random is None:
         num_random = max(0, b - min(num_global, b)) // 3
     mask = _structured_layout(nb, heads, sparsity, num_global, num_random, seed)
-    return BlockLayout(mask, block_size, seq_len, causal)
+    near = 1.0 - _band_order(nb).argsort(-1).double() / nb  # 1 on the diagonal, falling with distance
+    scores = torch.where(mask, 1.0 + 0.25 * near, 0.1 * near)
+    scores[..., : min(num_global, b)] += 0.5 * mask[..., : min(num_global, b)]
+    return BlockLayout(mask, block_size, seq_len, causal, scores)
 
 
 class KMeansRouter(nn.Module):

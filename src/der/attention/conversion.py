@@ -44,13 +44,14 @@ import torch
 from torch import nn
 
 from der.attention._swap import ConvertState, install, resolve_min_seq_len
-from der.attention.config import BUDGETS, RULES, Budget, Mode, Rule, check_block_args
+from der.attention.baselines import bigbird_layout
+from der.attention.config import BUDGETS, RULES, Budget, Mode, Rule, check_block_args, infer_seq_len
 from der.attention.injection import DERHandle, get_handle
 from der.attention.kernels import Backend, resolve_backend
 from der.attention.layout import BlockLayout, as_layout
-from der.attention.rules import attention_rule_layout, static_layout
+from der.attention.rules import attention_rule_layout, select_blocks, static_layout
 
-__all__ = ["convert", "revert", "summary", "ConvertState"]
+__all__ = ["convert", "revert", "resolve_rule", "summary", "ConvertState"]
 
 _STATE_FORMAT = "der.attention.conversion/1"
 
@@ -58,7 +59,7 @@ _STATE_FORMAT = "der.attention.conversion/1"
 def convert(model: nn.Module, sparsity: float | None = None, block_size: int | None = None,
             mode: Mode | None = None, *, calib_inputs=None, backend: Backend = "auto",
             layouts: dict[str, BlockLayout] | None = None, budget: Budget | None = None,
-            rule: Rule = "anchors", min_seq_len: int | str = "auto") -> DERHandle:
+            rule: Rule = "auto", min_seq_len: int | str = "auto") -> DERHandle:
     """Freeze DER layouts and swap in block-sparse attention; returns the (same) handle.
 
     Args:
@@ -71,8 +72,13 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
         budget: ``"head"`` | ``"row"`` block budget (default: the config's); see :mod:`der.attention.rules`.
         rule: layouts from the anchors' soft assignments (``"anchors"``, the paper's; static or dynamic),
             from the model's own attention on ``calib_inputs`` (``"attention"``, static; see the module
-            docstring), or training-free per input from mean-pooled query/key blocks (``"moba"``, dynamic:
-            :func:`~der.attention.baselines.moba_layout`; the anchors are not used).
+            docstring), BigBird's global + window + random blocks (``"bigbird"``, static, training-free:
+            :func:`~der.attention.baselines.bigbird_layout` over ``DERConfig.seq_len`` tokens, seeded by
+            ``DERConfig.seed``), or training-free per input from mean-pooled query/key blocks (``"moba"``,
+            dynamic: :func:`~der.attention.baselines.moba_layout`; the anchors are not used). ``"auto"``
+            (default): the rule that kept quality best in the project's measurements (docs/quality.md) among
+            those the arguments allow — static: ``"attention"`` with ``calib_inputs``, else ``"bigbird"``;
+            dynamic: ``"moba"`` (see :func:`resolve_rule`).
         min_seq_len: inputs shorter than this many tokens run the previous dense attention (warned once,
             counted in ``handle.dense_fallbacks``); ``"auto"``: the break-even length measured by
             ``der bench end-to-end --breakeven`` (``der.attention._swap.AUTO_MIN_SEQ_LEN`` tokens, at least two
@@ -96,6 +102,9 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
         raise ValueError("model is already converted; call der.attention.revert(model) first")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    rule = resolve_rule(rule, mode, calib_inputs is not None, layouts is not None, handle)
+    if rule == "bigbird" and mode != "static":
+        raise ValueError('rule="bigbird" is a fixed layout: pass mode="static"')
     if rule == "moba" and mode != "dynamic":
         raise ValueError('rule="moba" routes every input by its own queries and keys: pass mode="dynamic"')
     if rule == "attention" and (mode != "static" or (calib_inputs is None and layouts is None)):
@@ -113,6 +122,13 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
             if lay.block_size != block_size:
                 raise ValueError(f"layouts[{s.name!r}] has block_size={lay.block_size}, convert uses {block_size}")
             state.layouts[s.name] = lay
+    elif mode == "static" and rule == "bigbird":
+        n = handle.config.seq_len or infer_seq_len(model)
+        for i, s in enumerate(handle.sites):
+            causal = bool(getattr(s.attention, "is_causal", False))
+            sc = bigbird_layout(n, block_size, s.heads, sparsity, seed=handle.config.seed + i, causal=causal).scores
+            # re-selected from its own ranking at the exact budget of the other rules (causal rows included)
+            state.layouts[s.name] = BlockLayout(select_blocks(sc, sparsity, causal, budget), block_size, n, causal, sc)
     elif mode == "static" and rule == "anchors":
         if calib_inputs is not None:
             _calibrate(model, handle, calib_inputs)
@@ -132,6 +148,29 @@ def convert(model: nn.Module, sparsity: float | None = None, block_size: int | N
     handle.regularize = False
     handle.converted = state
     return handle
+
+
+def resolve_rule(rule: Rule, mode: Mode, has_calib: bool, has_layouts: bool = False,
+                 handle: DERHandle | None = None) -> Rule:
+    """The rule ``convert(rule="auto")`` uses (any other rule is returned as is).
+
+    Follows the measured ranking (``der exp minilm-distill``, docs/quality.md): the model's own calibrated
+    attention, then BigBird, were the best static layouts at equal budget and the anchor rule worse than
+    both; per input, MoBA's pooled-block routing beat routing through the anchors. Given ``layouts`` the rule
+    only labels them (``"auto"`` stays). A handle with DER calibration statistics but no ``calib_inputs``
+    gets ``"bigbird"`` with a warning naming ``rule="anchors"``.
+    """
+    if rule != "auto" or has_layouts:
+        return rule
+    if mode == "dynamic":
+        return "moba"
+    if has_calib:
+        return "attention"
+    if handle is not None and any(s.stats_mass is not None for s in handle.sites):
+        warnings.warn('convert(rule="auto") without calib_inputs uses BigBird layouts, which kept quality better '
+                      'than the anchor rule (docs/quality.md); the DER calibration statistics are unused — pass '
+                      'rule="anchors" to build layouts from them', stacklevel=3)
+    return "bigbird"
 
 
 def _warn_unreachable(state: ConvertState) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "oracle_layout",
     "attention_sparsity",
     "mean_block_length",
+    "real_density",
     "dense_attention_flops",
     "block_sparse_attention_flops",
     "model_flops",
@@ -157,6 +158,32 @@ def mean_block_length(layout: BlockLayout) -> float:
     if runs == 0:
         raise ValueError("layout keeps no block: mean block length undefined")
     return float(lay.sum()) / runs
+
+
+def real_density(layout: BlockLayout, key_valid: torch.Tensor | None = None) -> float:
+    """Fraction of the (query block, key block) pairs over real tokens that ``layout`` keeps — the block
+    budget a padded batch actually spends, mean over sequences and heads.
+
+    ``key_valid: (B, N)`` bool marks real tokens (None: all real); a block is real when it holds one. With no
+    padding this is :meth:`BlockLayout.density`; with padding, layouts that keep padded blocks or ignore them
+    are compared at the budget they spend on real tokens.
+    """
+    lay = as_layout(layout)
+    kept = lay.kept_blocks()
+    nbq, nbk = lay.n_blocks
+    if key_valid is None:
+        real = torch.ones(kept.shape[0], nbk, dtype=torch.bool, device=kept.device)
+    else:
+        if key_valid.dim() != 2 or key_valid.shape[1] != lay.kv_len:
+            raise ValueError(f"key_valid must be (B, kv_len={lay.kv_len}) bool, got {tuple(key_valid.shape)}")
+        pad = nbk * lay.block_size - lay.kv_len
+        real = F.pad(key_valid.bool().to(kept.device), (0, pad)).view(-1, nbk, lay.block_size).any(-1)
+    rq = real[:, -nbq:] if lay.q_len == lay.kv_len else torch.ones(real.shape[0], nbq, dtype=torch.bool,
+                                                                      device=real.device)
+    pairs = (rq[:, :, None] & real[:, None, :] & lay.valid_blocks()).unsqueeze(1)  # (B, 1, nbq, nbk)
+    n_pairs = pairs.sum((-1, -2)).double().clamp_min(1)
+    got = (kept & pairs).sum((-1, -2)).double() / n_pairs  # (B, H)
+    return float(got.mean())
 
 
 def dense_attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, backward: bool = False) -> int:

