@@ -1,7 +1,9 @@
 """der_lab.report.distill renders what minilm-distill writes; the grid's tuning selection."""
 
+import pytest
+
 from der_lab.experiments.minilm_distill import _summary, _tunes
-from der_lab.report.distill import render
+from der_lab.report.distill import is_der, render, verdict
 
 
 def test_tunes_follow_the_method_and_sparsity_lists():
@@ -18,5 +20,23 @@ def test_summary_and_render_read_the_numbers():
     d = {"n_eval_sentences": 210, "n_pairs": 120, "seq_len": 128, "block_size": 16, "steps": 30, "lr": 2e-4,
          "train_batch_size": 8, "mass_weight": 0.1, "dense": {"sts_spearman_vs_gold": 0.75},
          "summary": {"static/anchors@0.75/none": s}, "complete": True}
-    md = render(d)
+    md = render({"minilm_distill.json": d})
     assert "| static/anchors@0.75/none | 2 | 0.9600 ± 0.0141 |" in md and "complete: True" in md
+
+
+def _stat(mean, sd=0.01):
+    return {"mean": mean, "sd": sd, "values": [mean - sd, mean + sd]}
+
+
+def test_verdict_compares_the_best_der_row_with_the_best_other_beyond_the_spread():
+    assert is_der("static/anchors@0.75/none") and is_der("static/attention@0.75/distill+mass")
+    assert not is_der("static/bigbird@0.75/distill") and not is_der("dynamic/moba@0.5/none")
+    summ = {"static/anchors@0.75/none": {"cos_mean": _stat(0.90)},
+            "static/attention@0.75/distill+mass": {"cos_mean": _stat(0.95, 0.02)},
+            "static/bigbird@0.75/none": {"cos_mean": _stat(0.94)},
+            "static/bigbird@0.5/none": {"cos_mean": _stat(0.97)},
+            "dynamic/anchors@0.5/none": {"cos_mean": _stat(0.99, 0.001)}}
+    v = {x["sparsity"]: x for x in verdict({"summary": summ})}
+    assert v[0.75]["best_der"] == "static/attention@0.75/distill+mass" and v[0.75]["best_other"] == "static/bigbird@0.75/none"
+    assert v[0.75]["gap"] == pytest.approx(0.01) and not v[0.75]["der_wins"]  # 0.01 is not beyond sd 0.02
+    assert v[0.5]["der_wins"] and v[0.5]["best"] == "dynamic/anchors@0.5/none"
