@@ -173,7 +173,7 @@ def _params(model: nn.Module, handle: DERHandle) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
 
 
-def fit(model: nn.Module, batches: Sequence, steps: int, *, lr: float = 5e-5, teacher: Sequence | None = None,
+def fit(model: nn.Module, batches: Sequence, steps: int, *, lr: float = 1e-5, teacher: Sequence | None = None,
         output_weight: float = 1.0, mass_weight: float = 0.0,
         temperature: float = 1.0, grad_clip: float = 1.0, weight_decay: float = 0.0, train_mode: bool = False,
         on_step: Callable[[int, dict], None] | None = None) -> dict:

@@ -183,7 +183,7 @@ def _recall_sums(handle: Any, probs: tuple[torch.Tensor, ...], layouts: dict[str
 def sparsify_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, sparsity: float = 0.75,
                     rule: str = "auto", mode: str = "static", block_size: int = 16, seq_len: int = 128,
                     calib: str | os.PathLike | None = None, holdout: float = 0.25, distill_steps: int = 0,
-                    distill_lr: float = 5e-5, batch_size: int = 8, repeats: int = 10, overwrite: bool = False,
+                    distill_lr: float = 1e-5, batch_size: int = 8, repeats: int = 10, overwrite: bool = False,
                     min_seq_len: int | str = "auto", progress: bool = True) -> dict[str, Any]:
     """Load, convert, (distill), save and measure; returns the report (also written to ``out_dir``).
 
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calib", metavar="FILE", help="calibration text, one text per line (default: built-in sample)")
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of the texts held out for the report")
     p.add_argument("--distill-steps", type=int, default=0, help="steps of der.attention.distill.fit (default 0)")
-    p.add_argument("--distill-lr", type=float, default=5e-5, help="learning rate of the distillation (default 5e-5)")
+    p.add_argument("--distill-lr", type=float, default=1e-5, help="learning rate of the distillation (default 1e-5)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-seq-len", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="inputs shorter than this run dense (default auto: where block-sparse cannot win; 0: never)")

@@ -27,6 +27,7 @@ __all__ = [
     "geometry_algos",
     "surrogate_op",
     "minilm",
+    "minilm_distill",
 ]
 
 Verdict = tuple[str, str]
@@ -239,3 +240,22 @@ def minilm(d: dict) -> Verdict:
            f"static 50% {cos(b, 'static@0.5')} → {cos(a, 'static@0.5')}, 75% {cos(b, 'static@0.75')} → "
            f"{cos(a, 'static@0.75')} (before → after a {d['steps']}-step DER fine-tune)")
     return txt, "measured (no paper counterpart at this scale)"
+
+
+def minilm_distill(d: dict) -> Verdict:
+    """The quality verdict of ``der exp minilm-distill`` (:func:`der_lab.report.distill.verdict`)."""
+    from der_lab.report.distill import verdict
+
+    vs = verdict(d)
+    regime = (f"{d['seq_len']}-token documents" if d.get("text") == "documents"
+              else f"sentences padded to {d['seq_len']}")
+    parts = [f"{v['sparsity']:.0%}: best DER `{v['best_der']}` cos {v['best_der_mean']:.3f} vs best other "
+             f"`{v['best_other']}` {v['best_other_mean']:.3f} (gap {v['gap']:+.3f}, sd {v['spread']:.3f})" for v in vs]
+    txt = (f"all-MiniLM-L6-v2, {regime}, blocks of {d['block_size']}, equal budget, seeds {d['seeds']}, "
+           f"{d['steps']} distillation steps: " + "; ".join(parts))
+    if not vs:
+        return txt, "incomplete"
+    wins = [v for v in vs if v["der_wins"]]
+    return txt, ("reproduced (a DER variant wins beyond the seed spread at " + ", ".join(f"{v['sparsity']:.0%}" for v in wins)
+                 + ")" if wins else "not reproduced (no DER variant beats the best non-DER layout; "
+                 "the default rule is the best non-DER one)")
