@@ -141,6 +141,41 @@ def _recall(model, handle, batches: list[dict]) -> tuple[float, float]:
     return sum(vals) / len(vals), sum(dens) / len(dens)
 
 
+def oracle_recalls(model, batches: list[dict], sparsities, block: int) -> dict:
+    """Attention-mass recall of the best layouts at each budget on the dense model's own attention
+    (``batches``, before any conversion): per input (``dynamic``, each sequence its own top blocks at the
+    budget of its real blocks), shared by the batches (``static``; only without padding, where one budget
+    fits every sequence), and chance (the kept fraction) — what any layout rule could reach here."""
+    from der.attention.layout import BlockLayout, num_blocks
+    from der.attention.metrics import attention_mass_recall, oracle_layout
+    from der.attention.rules import select_blocks, valid_blocks
+
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            probs = [model(**b, output_attentions=True).attentions for b in batches]
+    finally:
+        model.set_attn_implementation(prev)
+    out = {}
+    for sp in sparsities:
+        got = {"dynamic": [], "static": []}
+        for b, layers in zip(batches, probs, strict=True):
+            qm = b["attention_mask"].bool()
+            padded = not bool(qm.all())
+            for p in layers:
+                B, H, n, _ = p.shape
+                nb = num_blocks(n, block)
+                rnd = torch.rand(B, H, nb, nb, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+                mask = select_blocks(rnd, sp, False, "head", valid_blocks(qm, block)[:, None, :])
+                for kind, m in (("dynamic", mask), ("static", None if padded else mask[:1])):
+                    if m is not None:
+                        lay = oracle_layout(p, BlockLayout(m, block, n, False), qm)
+                        got[kind].append(attention_mass_recall(p, lay, qm).overall)
+        out[str(sp)] = {k: (statistics.fmean(v) if v else None) for k, v in got.items()} | {"chance": 1.0 - sp}
+    return out
+
+
 def _pair_spearman(emb: torch.Tensor, pairs: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, float]:
     from der_lab.quality import spearman
 
@@ -241,6 +276,9 @@ def run(sparsities=(0.5, 0.75), seeds=(0, 1, 2), steps: int = 50, lr: float = 1e
                    "mass_weight": mass_weight, "train_batch_size": train_batch, "seeds": list(seeds),
                    "dense": {"sts_spearman_vs_gold": None if data["gold"] is None
                              else spearman(dense["pairs"], data["gold"])}, "rows": {}, "summary": {}}
+        if "oracle" not in res:
+            res["oracle"] = oracle_recalls(model, data["recall"], sparsities, block_size)
+            print("oracle recall (per input / static / chance):", res["oracle"], flush=True)
         teacher = None
         for s in sparsities:
             for method in methods:
@@ -297,9 +335,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-sparsities", type=float, nargs="*", default=[0.75])
     ap.add_argument("--n-pairs", type=int, default=None, help="STS pairs used (default all; documents: 150)")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/minilm_distill[...].json)")
+    ap.add_argument("--oracle-only", action="store_true",
+                    help="only add the oracle recalls to an existing result file (no conversion, no training)")
     args = ap.parse_args(argv)
     stem = "minilm_distill" + ("" if args.text == "sentences" else f"_docs{args.seq_len}")
     out = result_path(f"{stem}_quick.json" if args.quick else f"{stem}.json", args.out)
+    if args.oracle_only:
+        import json
+
+        from der_lab.experiments.minilm_sparsity import load_minilm
+
+        res = json.loads(out.read_text())
+        tok, model = load_minilm()
+        data = _data(tok, args.text, args.seq_len, args.n_eval, args.n_pairs, 8, 0, args.train_batch)
+        res["oracle"] = oracle_recalls(model, data["recall"], args.sparsities, args.block_size)
+        write_json(out, res)
+        print(res["oracle"])
+        return 0
     t0 = time.time()
     kw = dict(sparsities=[0.75], seeds=[0], steps=3, n_train=32, n_eval=32, n_pairs=32) if args.quick else dict(
         sparsities=args.sparsities, seeds=args.seeds, steps=args.steps, n_pairs=args.n_pairs,

@@ -76,6 +76,12 @@ def render_one(name: str, d: dict) -> list[str]:
     for key, s in d["summary"].items():
         lines.append(f"| {key} | {len(s['cos_mean']['values'])} | " + " | ".join(_cell(s.get(m)) for m, _ in MEASURES)
                      + " |")
+    if d.get("oracle"):
+        fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+        parts = [f"{float(sp):.0%}: per input {fmt(o['dynamic'])}, one shared layout {fmt(o['static'])}, chance "
+                 f"{fmt(o['chance'])}" for sp, o in sorted(d["oracle"].items())]
+        lines += ["", "Oracle attention-mass recall (the dense model's own top blocks at the same budget, "
+                  "real blocks only): " + "; ".join(parts) + "."]
     lines += ["", "Verdict (cosine to dense; DER = anchor layouts or the attention-mass term):", ""]
     for v in verdict(d):
         word = "beats" if v["der_wins"] else "does not beat"
