@@ -55,7 +55,8 @@ def document_windows(tok, seq_len: int) -> tuple[list[torch.Tensor], list[torch.
     """Non-overlapping ``seq_len``-token windows (``[CLS] … [SEP]``, no padding) of the Python Language
     Reference topics shipped with Python (``pydoc_data.topics``): ``(eval, train)``, split by topic (every
     third topic, sorted by name, trains; no window of an evaluation topic is trained on), plus the stdlib
-    docstrings long enough for a window on the training side."""
+    docstrings long enough for a window on the training side; an evaluation window equal to a training one is
+    dropped."""
     from pydoc_data.topics import topics
 
     from der_lab.experiments.minilm_sparsity import stdlib_docstrings
@@ -73,7 +74,8 @@ def document_windows(tok, seq_len: int) -> tuple[list[torch.Tensor], list[torch.
         cut(topics[name], train if i % 3 == 0 else ev)
     for d in stdlib_docstrings(300):
         cut(d, train)
-    return ev, train
+    seen = {tuple(w.tolist()) for w in train}  # topics repeat some sections: never evaluate a trained window
+    return [w for w in ev if tuple(w.tolist()) not in seen], train
 
 
 def _id_batches(rows: list[torch.Tensor], batch: int) -> list[dict]:
