@@ -146,7 +146,8 @@ def run(cfg: ByteLMConfig, run_dir: Path) -> dict:
         model.load_state_dict(state)
         names = [s.name for s in handle.sites]
         if method == "der":
-            convert(model, sparsity=cfg.sparsity, block_size=cfg.block_size, calib_inputs=calib, budget=cfg.budget)
+            convert(model, sparsity=cfg.sparsity, block_size=cfg.block_size, calib_inputs=calib, budget=cfg.budget,
+                    rule="anchors")
         else:
             make = bigbird_layout if method == "bigbird" else longformer_layout
 

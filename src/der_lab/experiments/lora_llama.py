@@ -110,7 +110,7 @@ def run(cfg: LoraLlamaConfig, run_dir: Path) -> dict:
     fit_lm(der, ft, cfg.lora_steps, "lora_der", handle=handle)
     out["methods"]["der_lora_dense_kernel"] = evaluate(der, val, cfg.val_windows)
     calib = [ft[i][0][None] for i in range(0, min(len(ft), 64), 8)]
-    convert(der, sparsity=cfg.sparsity, block_size=cfg.block_size, calib_inputs=calib)
+    convert(der, sparsity=cfg.sparsity, block_size=cfg.block_size, calib_inputs=calib, rule="anchors")
     lays = list(handle.converted.layouts.values())
     res = {**evaluate(der, val, cfg.val_windows), "sites": [s.name for s in handle.sites],
            "block_sparsity_der_layers": sum(lay.sparsity() for lay in lays) / len(lays),  # causal layouts
