@@ -240,25 +240,31 @@ def _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs, s=None):
     return torch._softmax(s, -1, False, out=s).masked_fill_(dead, 0.0), kg
 
 
+def _forward(qb, kf, vf, plan_b, kbias, scale, has_empty, keep_p):
+    """Output ``(R, bs, Dh)`` of the bucketed forward and the flat probability store (None unless ``keep_p``)."""
+    R, bs, Dh = qb.shape
+    buf = _scratch(qb)
+    out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
+    bias_fn = _bias_fn(kbias, buf)
+    plan_b, p_numel = plan_b
+    store = qb.new_empty(p_numel) if keep_p else None
+    for K, tail, chunks in plan_b:
+        for r, c, m, ids, off in chunks:
+            dst = None if store is None else store[off:off + c * m * bs * K * bs].view(c, m * bs, K * bs)
+            p, _ = _probs(_take(qb, r, buf, "q", c), kf, ids, bias_fn, tail, scale, buf, c, K, bs, dst)
+            vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
+            _put(out, r, torch.bmm(p, vg, out=_dest(out, r, buf, c, m * bs)))
+    return out, store
+
+
 class BlockSparseCPU(torch.autograd.Function):
     """Bucketed block-sparse attention over ``(R, bs, Dh)`` blocks (R = B*H*nb); see module docstring."""
 
     @staticmethod
     def forward(ctx, qb, kf, vf, plan_b, kbias, scale, has_empty, keep_p):
-        R, bs, Dh = qb.shape
-        buf = _scratch(qb)
-        out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
-        bias_fn = _bias_fn(kbias, buf)
-        plan_b, p_numel = plan_b
-        store = qb.new_empty(p_numel) if keep_p else None
-        for K, tail, chunks in plan_b:
-            for r, c, m, ids, off in chunks:
-                dst = None if store is None else store[off:off + c * m * bs * K * bs].view(c, m * bs, K * bs)
-                p, _ = _probs(_take(qb, r, buf, "q", c), kf, ids, bias_fn, tail, scale, buf, c, K, bs, dst)
-                vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
-                _put(out, r, torch.bmm(p, vg, out=_dest(out, r, buf, c, m * bs)))
+        out, store = _forward(qb, kf, vf, plan_b, kbias, scale, has_empty, keep_p)
         ctx.save_for_backward(qb, kf, vf, out, kbias)
-        ctx.plan_b, ctx.scale, ctx.has_empty, ctx.store = plan_b, scale, has_empty, store
+        ctx.plan_b, ctx.scale, ctx.has_empty, ctx.store = plan_b[0], scale, has_empty, store
         return out
 
     @staticmethod
@@ -326,5 +332,9 @@ def attention(q, k, v, plan: Plan, block_size: int, scale: float, key_padding_ma
     plan_b = plan.expand(B, q.dtype, Dh, block_size)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     keep_p = grad and plan_b[1] * q.element_size() <= KEEP_P_BYTES
-    out = BlockSparseCPU.apply(blocks(q), blocks(k), blocks(v), plan_b, kbias, scale, plan.has_empty, keep_p)
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    if grad:
+        out = BlockSparseCPU.apply(qb, kb, vb, plan_b, kbias, scale, plan.has_empty, keep_p)
+    else:  # inference: no autograd.Function bookkeeping (per-call overhead at short N)
+        out = _forward(qb, kb, vb, plan_b, kbias, scale, plan.has_empty, False)[0]
     return out.view(B, H, npad, Dh)[:, :, :N]
