@@ -101,7 +101,7 @@ def render(results: Path) -> str:
              "and the kept block fraction d; for rows that ran dense (fallbacks) the ceiling of the sparse layout",
              "does not apply and the ratio only shows noise around 1.0. Quality: mean cosine of the output rows",
              "to dense; PPL of the batch's next tokens (random-init LMs: only the change is meaningful).", ""]
-    for p in [results / name for name in FILES] + sorted(results.glob(EXTRA)):
+    for p in [results / name for name in FILES] + sorted(results.glob(EXTRA), key=lambda p: (len(p.name), p.name)):
         if p.is_file():
             d = json.loads(p.read_text())
             lines += [f"## `{p.name}`", "", _meta(d), "", *_rows(d), "", *_goal(d)]
