@@ -341,3 +341,39 @@ def test_backward_recompute_and_kept_probabilities_agree(monkeypatch, keep_bytes
         test_runs_of_identical_rows_and_uneven_rows_match_reference(causal)
         test_cpu_and_dense_match_naive_float64(2, 2, 2, 200, 16, 32, causal)
     test_gradcheck_custom_backward()
+
+
+@settings(max_examples=25, deadline=None)
+@given(nb=st.integers(1, 12), H=st.integers(1, 3), Bl=st.integers(1, 2), density=st.floats(0.0, 1.0),
+       causal=st.booleans(), short=st.booleans(), runs=st.booleans(), seed=st.integers(0, 10_000))
+def test_property_plan_covers_every_kept_block_once(nb, H, Bl, density, causal, short, runs, seed):
+    """The (numpy) plan: every non-empty layout row is in exactly one run of one bucket, with its kept key
+    blocks (causal: not above the diagonal) in ascending order; expand at B = 2 keeps that per batch row."""
+    bs = 8
+    n = nb * bs - (3 if short and nb > 1 else 0)
+    lay = _layout(Bl, H, nb, density, seed=seed, empty_row=False)
+    if runs:
+        lay[..., 1:, :] = lay[..., :1, :]  # identical consecutive rows → merged runs
+    keep = lay & torch.ones(nb, nb, dtype=torch.bool).tril() if causal else lay
+    flat = keep.reshape(-1, nb)
+    plan = kernels._gather.make_plan(lay, bs, n, causal)
+    seen = {}
+    for bk in plan.buckets:
+        for start, ids in zip(bk.rows.tolist(), bk.idx.tolist(), strict=True):
+            for row in range(start, start + bk.m):
+                assert row not in seen
+                seen[row] = ids
+    want = {r: (torch.nonzero(flat[r])[:, 0] + r // nb * nb).tolist() for r in range(flat.shape[0]) if flat[r].any()}
+    assert seen == want
+    assert plan.has_empty == bool((flat.sum(-1) == 0).any())
+    B = 2
+    buckets, _ = plan.expand(B, torch.float64, 4, bs)
+    got = {}
+    for K, _, chunks in buckets:
+        for r, c, m, ids, _ in chunks:
+            rows = torch.arange(r.start, r.stop) if isinstance(r, slice) else r
+            for j, row in enumerate(rows.tolist()):
+                got[row] = ids.view(c, K)[j // m].tolist()
+    reps = B * H * nb // flat.shape[0]
+    assert got == {r + i * flat.shape[0]: [x + i * flat.shape[0] for x in ids] for i in range(reps)
+                   for r, ids in want.items()}

@@ -42,6 +42,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,10 +64,10 @@ MAX_RUN = 8
 @dataclass
 class _Bucket:
     """Runs of ``m`` consecutive layout rows (query blocks of one head) with the same ``K`` kept key blocks
-    and one tail kind (0: none, 1: causal diagonal, 2: padding)."""
+    and one tail kind (0: none, 1: causal diagonal, 2: padding). Host-side (numpy) index arrays."""
 
-    rows: torch.Tensor  # (n,) first layout row id of each run (Bl*H*nb level)
-    idx: torch.Tensor  # (n, K) kept key-block ids of the runs, ascending (within the row's head)
+    rows: np.ndarray  # (n,) first layout row id of each run (Bl*H*nb level)
+    idx: np.ndarray  # (n, K) kept key-block ids of the runs, ascending (within the row's head)
     K: int
     tail: int
     m: int
@@ -82,81 +83,89 @@ class Plan:
     H: int
     has_empty: bool
     tails: dict[int, torch.Tensor]  # tail kind → bool (bs or 1, bs) allowed mask of the last kept slot
+    device: torch.device = torch.device("cpu")
     _memo: dict = field(default_factory=dict)
 
-    def expand(self, B: int, dtype: torch.dtype, Dh: int, bs: int) -> list[tuple]:
+    def expand(self, B: int, dtype: torch.dtype, Dh: int, bs: int) -> tuple[list[tuple], int]:
         """Per bucket at batch ``B``: ``(K, tail_bias, chunks)``; ``tail_bias`` a float ``0/-inf`` tensor or
         None; ``chunks`` a list of ``(rows, c, m, ids, p_off)``: ``c`` runs of ``m`` query blocks, ``rows``
         their ``c*m`` rows of the flattened ``(B*H*nb)`` blocks (a slice when contiguous, else an index
         tensor), ``ids`` the ``(c*K,)`` key-block rows, ``p_off`` the chunk's offset in a flat store of all
-        probabilities; and the store's size. Memoised per (B, dtype, Dh, bs)."""
+        probabilities; and the store's size. Memoised per (B, dtype, Dh, bs). Index arithmetic runs in
+        numpy (a dynamic layout builds a fresh plan on every call); each bucket's indices go to the device
+        as one tensor, chunks are views of it."""
         key = (B, dtype, Dh, bs)
         if key not in self._memo:
-            out, p_numel = [], 0
+            out, p_numel, biases = [], 0, {}
             reps = B * self.H * self.nb // self.L  # 1 for per-batch layouts, B for a shared one
+            off = np.arange(reps, dtype=np.int64) * self.L
             elsize = torch.empty((), dtype=dtype).element_size()
             for bk in self.buckets:
-                off = torch.arange(reps, device=bk.rows.device) * self.L
-                m = bk.m
+                m, K = bk.m, bk.K
                 starts = (bk.rows[None, :] + off[:, None]).reshape(-1)
-                rows = (starts[:, None] + torch.arange(m, device=starts.device)).reshape(-1)
-                idx = (bk.idx[None] + off[:, None, None]).reshape(-1, bk.K)
-                n = starts.numel()
-                run = bool((rows == torch.arange(n * m, device=rows.device) + rows[0]).all())
-                c = max(1, CHUNK_BYTES // (bk.K * bs * elsize * (2 * Dh + (m - 1) * bs)))
+                rows = (starts[:, None] + np.arange(m)).reshape(-1)  # ascending
+                n = starts.size
+                run = int(rows[-1] - rows[0]) == rows.size - 1
+                rows_t = None if run else torch.from_numpy(rows).to(self.device)
+                ids_t = torch.from_numpy((bk.idx[None] + off[:, None, None]).reshape(-1)).to(self.device)
+                c = max(1, CHUNK_BYTES // (K * bs * elsize * (2 * Dh + (m - 1) * bs)))
                 chunks = [(slice(int(rows[c0 * m]), int(rows[c0 * m]) + min(c, n - c0) * m) if run
-                           else rows[c0 * m:(c0 + c) * m], min(c, n - c0), m, idx[c0:c0 + c].reshape(-1),
-                           p_numel + c0 * m * bs * bk.K * bs) for c0 in range(0, n, c)]
-                p_numel += n * m * bs * bk.K * bs
-                tail = None
-                if bk.tail:
-                    tail = torch.zeros(self.tails[bk.tail].shape, dtype=dtype, device=bk.idx.device)
-                    tail.masked_fill_(~self.tails[bk.tail], float("-inf"))
-                out.append((bk.K, tail, chunks))
+                           else rows_t[c0 * m:(c0 + c) * m], min(c, n - c0), m, ids_t[c0 * K:(c0 + c) * K],
+                           p_numel + c0 * m * bs * K * bs) for c0 in range(0, n, c)]
+                p_numel += n * m * bs * K * bs
+                if bk.tail and bk.tail not in biases:
+                    t = self.tails[bk.tail]
+                    biases[bk.tail] = torch.zeros(t.shape, dtype=dtype, device=t.device).masked_fill_(~t, float("-inf"))
+                out.append((K, biases.get(bk.tail), chunks))
             self._memo[key] = (out, p_numel)
         return self._memo[key]
 
 
 def make_plan(layout: torch.Tensor, block_size: int, n: int, causal: bool) -> Plan:
-    """Buckets of a ``(Bl, H, nb, nb)`` layout (see module docstring)."""
+    """Buckets of a ``(Bl, H, nb, nb)`` layout (see module docstring); index arithmetic in numpy."""
     Bl, H, nb, _ = layout.shape
     bs, dev = block_size, layout.device
-    lay = layout
+    lay = layout.detach().cpu().numpy().reshape(-1, nb)
     if causal:
-        lay = lay & torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
-    lay = lay.reshape(-1, nb)
+        lay = (lay.reshape(-1, nb, nb) & np.tri(nb, dtype=bool)).reshape(-1, nb)
     L = lay.shape[0]
     counts = lay.sum(-1)
-    order = torch.argsort((~lay).to(torch.int8), dim=-1, stable=True)  # kept blocks first, ascending
-    last = order.gather(1, (counts - 1).clamp(min=0)[:, None])[:, 0]
-    qblock = torch.arange(L, device=dev) % nb
-    tail = torch.zeros(L, dtype=torch.long, device=dev)
+    order = np.argsort(~lay, axis=-1, kind="stable")  # kept blocks first, ascending
+    last = np.take_along_axis(order, np.maximum(counts - 1, 0)[:, None], 1)[:, 0]
+    ar = np.arange(L)
+    qblock = ar % nb
+    tail = np.zeros(L, dtype=np.int64)
     tails = {}
     if causal:
         tail[last == qblock] = 1
-        tails[1] = torch.ones(bs, bs, dtype=torch.bool, device=dev).tril()
+        tails[1] = torch.from_numpy(np.tri(bs, dtype=bool)).to(dev)  # (torch's bool tril is slow on CPU)
     elif n % bs:
         tail[last == nb - 1] = 2
         tails[2] = (torch.arange(bs, device=dev) < n - (nb - 1) * bs)[None, :]
-    base = torch.arange(L, device=dev) // nb * nb  # first key block of the row's (batch, head)
+    base = ar // nb * nb  # first key block of the row's (batch, head)
     # runs: consecutive query blocks of one head with the same kept set share one gather and one matmul
     # (not across a causal diagonal tail); at most MAX_RUN query blocks per run
-    same = torch.zeros(L, dtype=torch.bool, device=dev)
+    same = np.zeros(L, dtype=bool)
     same[1:] = (lay[1:] == lay[:-1]).all(-1) & (qblock[1:] != 0) & (tail[1:] == tail[:-1]) & (tail[1:] != 1)
-    run_start = torch.cummax(torch.where(same, 0, torch.arange(L, device=dev)), 0).values
-    start = (torch.arange(L, device=dev) - run_start) % MAX_RUN == 0
+    run_start = np.maximum.accumulate(np.where(same, 0, ar))
+    start = (ar - run_start) % MAX_RUN == 0
     if int(start.sum()) > L // 2:  # few merges: not worth splitting one contiguous bucket (copies of q, out)
-        start = torch.ones(L, dtype=torch.bool, device=dev)
-    starts = torch.nonzero(start)[:, 0]
-    length = torch.diff(starts, append=torch.tensor([L], device=dev))
+        start[:] = True
+    starts = np.flatnonzero(start)
+    length = np.diff(starts, append=L)
+    Ks, ts = counts[starts], tail[starts]
+    perm = np.lexsort((length, ts, Ks))  # stable: rows ascending within a bucket
+    starts, length, Ks, ts = starts[perm], length[perm], Ks[perm], ts[perm]
+    cut = np.flatnonzero(np.diff(Ks) | np.diff(ts) | np.diff(length)) + 1
     buckets = []
-    keys = zip(counts[starts].tolist(), tail[starts].tolist(), length.tolist(), strict=True)
-    for K, t, m in sorted(set(keys)):
-        if K == 0:
+    for lo, hi in zip(np.r_[0, cut], np.r_[cut, starts.size], strict=True):
+        K = int(Ks[lo])
+        if K == 0 or lo == hi:
             continue
-        sel = starts[(counts[starts] == K) & (tail[starts] == t) & (length == m)]
-        buckets.append(_Bucket(rows=sel, idx=order[sel, :K] + base[sel, None], K=K, tail=t, m=m))
-    return Plan(buckets=buckets, L=L, nb=nb, H=H, has_empty=bool((counts == 0).any()), tails=tails)
+        sel = starts[lo:hi]
+        buckets.append(_Bucket(rows=sel, idx=order[sel, :K] + base[sel, None], K=K, tail=int(ts[lo]),
+                               m=int(length[lo])))
+    return Plan(buckets=buckets, L=L, nb=nb, H=H, has_empty=bool((counts == 0).any()), tails=tails, device=dev)
 
 
 class _Buffers:
@@ -231,25 +240,31 @@ def _probs(qc, kf, ids, bias_fn, tail, scale, buf, c, K, bs, s=None):
     return torch._softmax(s, -1, False, out=s).masked_fill_(dead, 0.0), kg
 
 
+def _forward(qb, kf, vf, plan_b, kbias, scale, has_empty, keep_p):
+    """Output ``(R, bs, Dh)`` of the bucketed forward and the flat probability store (None unless ``keep_p``)."""
+    R, bs, Dh = qb.shape
+    buf = _scratch(qb)
+    out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
+    bias_fn = _bias_fn(kbias, buf)
+    plan_b, p_numel = plan_b
+    store = qb.new_empty(p_numel) if keep_p else None
+    for K, tail, chunks in plan_b:
+        for r, c, m, ids, off in chunks:
+            dst = None if store is None else store[off:off + c * m * bs * K * bs].view(c, m * bs, K * bs)
+            p, _ = _probs(_take(qb, r, buf, "q", c), kf, ids, bias_fn, tail, scale, buf, c, K, bs, dst)
+            vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
+            _put(out, r, torch.bmm(p, vg, out=_dest(out, r, buf, c, m * bs)))
+    return out, store
+
+
 class BlockSparseCPU(torch.autograd.Function):
     """Bucketed block-sparse attention over ``(R, bs, Dh)`` blocks (R = B*H*nb); see module docstring."""
 
     @staticmethod
     def forward(ctx, qb, kf, vf, plan_b, kbias, scale, has_empty, keep_p):
-        R, bs, Dh = qb.shape
-        buf = _scratch(qb)
-        out = torch.zeros_like(qb) if has_empty else torch.empty_like(qb)
-        bias_fn = _bias_fn(kbias, buf)
-        plan_b, p_numel = plan_b
-        store = qb.new_empty(p_numel) if keep_p else None
-        for K, tail, chunks in plan_b:
-            for r, c, m, ids, off in chunks:
-                dst = None if store is None else store[off:off + c * m * bs * K * bs].view(c, m * bs, K * bs)
-                p, _ = _probs(_take(qb, r, buf, "q", c), kf, ids, bias_fn, tail, scale, buf, c, K, bs, dst)
-                vg = torch.index_select(vf, 0, ids, out=buf.get("v", c * K, bs, Dh)).view(c, K * bs, Dh)
-                _put(out, r, torch.bmm(p, vg, out=_dest(out, r, buf, c, m * bs)))
+        out, store = _forward(qb, kf, vf, plan_b, kbias, scale, has_empty, keep_p)
         ctx.save_for_backward(qb, kf, vf, out, kbias)
-        ctx.plan_b, ctx.scale, ctx.has_empty, ctx.store = plan_b, scale, has_empty, store
+        ctx.plan_b, ctx.scale, ctx.has_empty, ctx.store = plan_b[0], scale, has_empty, store
         return out
 
     @staticmethod
@@ -317,5 +332,9 @@ def attention(q, k, v, plan: Plan, block_size: int, scale: float, key_padding_ma
     plan_b = plan.expand(B, q.dtype, Dh, block_size)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     keep_p = grad and plan_b[1] * q.element_size() <= KEEP_P_BYTES
-    out = BlockSparseCPU.apply(blocks(q), blocks(k), blocks(v), plan_b, kbias, scale, plan.has_empty, keep_p)
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    if grad:
+        out = BlockSparseCPU.apply(qb, kb, vb, plan_b, kbias, scale, plan.has_empty, keep_p)
+    else:  # inference: no autograd.Function bookkeeping (per-call overhead at short N)
+        out = _forward(qb, kb, vb, plan_b, kbias, scale, plan.has_empty, False)[0]
     return out.view(B, H, npad, Dh)[:, :, :N]

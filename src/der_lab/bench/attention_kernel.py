@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "attention_kernel",
         "meta": {"device": str(dev), "block_size": BLOCK, "sparsity": SPARSITY,
+                 "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # 2 MiB pages: fewer page faults
                  "layout": "bigbird_layout(N, 64, H, sparsity=0.75, seed=0): 1 global + random + window blocks per row",
                  "note": "shared 2-core machine with other jobs running: timings are noisy; speedups are "
                          "ratios of medians of interleaved repeats in one process"},

