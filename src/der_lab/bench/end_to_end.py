@@ -179,8 +179,7 @@ def _converted(model: torch.nn.Module, batch: dict, shape: Shape, sparsity: floa
     m = copy.deepcopy(model)
     handle = inject(m, DERConfig(block_size=shape.block_size, seq_len=shape.seq_len, sparsity=sparsity))
     kw = {"calib_inputs": [batch]} if mode == "static" else {}
-    # the anchor rule, as in every committed end_to_end*.json (measured before rule="auto" became the default;
-    # static layout cost does not depend on the rule, dynamic routing through the anchors or MoBA is alike)
+    # the anchor rule, as in every committed end_to_end*.json (measured before rule="auto" became the default)
     convert(m, sparsity, shape.block_size, mode, min_seq_len=min_seq_len, rule="anchors", **kw)
     handle.dense_fallbacks.clear()  # calibration calls are not part of the measured steps
     return m, handle
