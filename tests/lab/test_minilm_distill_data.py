@@ -26,11 +26,11 @@ def test_document_windows_are_full_length_and_disjoint(minilm):
 
 
 def test_oracle_recalls_bound_what_layouts_reach(minilm):
-    from der_lab.experiments.minilm_distill import _id_batches, document_windows, oracle_recalls
+    from der_lab.experiments.minilm_distill import document_windows, id_batches, oracle_recalls
 
     tok, model = minilm
     ev, _ = document_windows(tok, 128)
-    o = oracle_recalls(model, _id_batches(ev[:2], 2), [0.5, 0.75], 16)
+    o = oracle_recalls(model, id_batches(ev[:2], 2), [0.5, 0.75], 16)
     for sp, r in o.items():
         assert r["chance"] == pytest.approx(1 - float(sp))
         assert r["chance"] < r["static"] <= r["dynamic"] + 1e-9 <= 1.0 + 1e-9  # per input never below shared

