@@ -2,9 +2,9 @@ r"""Exact geometry against the best peers: Delaunay vs Shewchuk's Triangle and S
 Shapely/GEOS and the memory floor; a chunked hull of a memory-mapped file larger than the in-memory cases.
 
     der bench geometry-peers [--quick] [--repeats R] [--max-n N] [--hull-max-n N] [--chunked-n N] [--docs-only]
-                             [--sections delaunay,hull,chunked] [--min-n N] [--merge]
+                             [--sections delaunay,hull,chunked] [--min-n N] [--dists a,b] [--merge]
 
-``--sections`` / ``--min-n`` / ``--merge`` split the full run into several shorter ones whose rows are
+``--sections`` / ``--min-n`` / ``--dists`` / ``--merge`` split the full run into several shorter ones whose rows are
 merged into one JSON (each row records the load average when it finished).
 
 One process, single thread (our kernels run serially; Triangle, QHull and GEOS are serial). For every
@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs-only", action="store_true", help="regenerate the docs tables from the JSON")
     ap.add_argument("--sections", default="delaunay,hull,chunked", help="comma-separated subset to run")
     ap.add_argument("--min-n", type=float, default=0, help="smallest n of the Delaunay and hull sections")
+    ap.add_argument("--dists", default=",".join(DISTS), help="comma-separated subset of the distributions")
     ap.add_argument("--merge", action="store_true",
                     help="merge the rows into the existing JSON (replacing rows of the same task, n, data)")
     args = ap.parse_args(argv)
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = 3 if args.quick else args.repeats
     top = 1e5 if args.quick else args.max_n
     sections = set(args.sections.split(","))
+    dists = [d for d in DISTS if d in args.dists.split(",")]
     rows: list[dict] = []
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "load_avg_1m_at_start": os.getloadavg()[0], "repeats": reps, "rows": rows}
@@ -293,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for n in (10**4, 10**5, 10**6, 10**7):
         if "delaunay" in sections and args.min_n <= n <= top:
-            bench_delaunay([n], DISTS, reps, args.scipy_max_n, rows)
+            bench_delaunay([n], dists, reps, args.scipy_max_n, rows)
             save(f"delaunay n={n}")
     for n in (10**6, 10**7):
         if "hull" in sections and args.min_n <= n <= (1e6 if args.quick else args.hull_max_n):
-            bench_hull([n], DISTS, reps, args.shapely_max_n, rows)
+            bench_hull([n], dists, reps, args.shapely_max_n, rows)
             save(f"hull n={n}")
     if "chunked" in sections and args.chunked_n and not args.quick:
         bench_chunked(int(args.chunked_n), args.chunk_rows, rows)
