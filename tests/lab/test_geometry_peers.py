@@ -29,6 +29,7 @@ def test_rows_and_markdown():
            "rows": rows}
     md = "\n".join(G.peers_markdown(res))
     assert "| 2e+03 | uniform |" in md and "| 2e+03 | gaussian |" in md
+    assert "Hull ahead of QHull on every row timed with QHull: met" in md  # the goals section
 
 
 def test_merge_results_replaces_same_rows():

@@ -192,6 +192,58 @@ def _print(row: dict, base: str) -> None:
     print("  ".join(cells), flush=True)
 
 
+def _goals(rows: list[dict]) -> list[str]:
+    """The issue's goals, judged from the rows (wall and CPU time); empty if no row bears on them."""
+    out = []
+
+    def judge(sel, ratio, goal, better_high):
+        got = [(r, ratio(r)) for r in rows if sel(r)]
+        if not got:
+            return None
+        ok = [(w >= goal if better_high else w <= goal) for _, (w, _c) in got]
+        worst = min(got, key=lambda g: g[1][0] if better_high else -g[1][0])
+        r, (w, c) = worst
+        verdict = "met" if all(ok) else f"not met ({sum(ok)} of {len(ok)} rows)"
+        return f"{verdict}; worst {r['dist']} at {r['n']:.0e}: {w:.2f} wall, {c:.2f} CPU"
+
+    def tri(r):
+        o = r["methods"]["ours"]
+        return o["triangle_over_this_wall"], o["triangle_over_this_cpu"]
+
+    def floor(r):
+        o = r["methods"]["ours"]
+        return 1 / o["floor_over_this_wall"], 1 / o["floor_over_this_cpu"]
+
+    hard = judge(lambda r: r["task"] == "delaunay" and r["n"] in (10**5, 10**6)
+                 and r["dist"] in ("uniform", "gaussian", "parabola"), tri, 1.2, True)
+    if hard:
+        out.append(f"* Delaunay >= 1.2x Triangle at 1e5 and 1e6 on uniform, Gaussian, parabola: {hard}.")
+    every = judge(lambda r: r["task"] == "delaunay" and r["n"] in (10**5, 10**6), tri, 1.0, True)
+    if every:
+        out.append(f"* Delaunay faster than Triangle on every distribution at 1e5 and 1e6: {every}.")
+    per = {}
+    for r in rows:
+        if r["task"] == "delaunay" and r["dist"] == "uniform":
+            per[r["n"]] = r["methods"]["ours"]["ns_per_point"] / 1e3
+    if len(per) > 1:
+        out.append("* Delaunay time per point (uniform, µs): " + ", ".join(f"{n:.0e}: {v:.2f}" for n, v in
+                                                                          sorted(per.items()))
+                   + (" (flat)" if max(per.values()) <= 1.2 * min(per.values()) else " (not flat)") + ".")
+    hull = judge(lambda r: r["task"] == "hull" and r["n"] in (10**6, 10**7) and r["dist"] in ("uniform", "gaussian"),
+                 floor, 2.0, False)
+    if hull:
+        out.append(f"* Hull <= 2x the memory floor at 1e6 and 1e7 on uniform and Gaussian: {hull}.")
+    qh = [r for r in rows if r["task"] == "hull" and "scipy" in r["methods"]]
+    if qh:
+        slow = [r for r in qh if r["methods"]["scipy"]["wall_s"] <= r["methods"]["ours"]["wall_s"]]
+        least = min(qh, key=lambda r: r["methods"]["scipy"]["wall_s"] / r["methods"]["ours"]["wall_s"])
+        x = least["methods"]["scipy"]["wall_s"] / least["methods"]["ours"]["wall_s"]
+        out.append(f"* Hull ahead of QHull on every row timed with QHull: {'met' if not slow else 'not met'} "
+                   f"(least margin {x:.1f}x, {least['dist']} at {least['n']:.0e}; QHull is not timed on the "
+                   "circle at 1e7).")
+    return ["### Goals (issue 18), judged from the rows below", "", *out, ""] if out else []
+
+
 def peers_markdown(res: dict) -> list[str]:
     """Markdown sections (lines) of the JSON written by :func:`main`."""
     loads = [r["load_avg_1m"] for r in res["rows"] if "load_avg_1m" in r]
@@ -208,6 +260,7 @@ def peers_markdown(res: dict) -> list[str]:
            "(> 1: ours is faster); CPU-time ratios are the steadier figure on a shared machine. No "
            "all-cores column: the Delaunay engine and the hull's slab pass are serial, and on this 2-core "
            "machine, shared with other jobs, a parallel timing would not be meaningful.", ""]
+    out += _goals(res["rows"])
     dl = [r for r in res["rows"] if r["task"] == "delaunay"]
     if dl:
         out += ["### Delaunay (ms; µs per point; Triangle time / ours)", "",
