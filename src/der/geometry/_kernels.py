@@ -27,6 +27,9 @@ from der.geometry._expansion import (
 )
 from der.geometry._limbs import MASK30, limbs_sign, mant
 
+__all__ = ["absmax", "chain_sorted", "chan_hull", "dedup_hash", "edge_tests", "filter_chains", "filter_chains_par",
+           "lex_fix_ties", "orient"]
+
 _EPS = 2.0**-53
 _CCW_ERRBOUND_A = (3.0 + 16.0 * _EPS) * _EPS
 _CCW_ERRBOUND_B = (2.0 + 12.0 * _EPS) * _EPS

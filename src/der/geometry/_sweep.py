@@ -27,6 +27,8 @@ from der.geometry._incircle import incircle
 from der.geometry._kernels import orient
 from der.geometry._order import stable_argsort
 
+__all__ = ["index_proto", "sweep_delaunay", "sweep_ranked"]
+
 
 @njit(cache=True, inline="always")
 def _nxt(h: int) -> int:
