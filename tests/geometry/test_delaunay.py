@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from test_predicates import incircle_ref, orient_ref
 
 from der.geometry import data
 from der.geometry.delaunay import METHODS, delaunay, morton_order
-from test_predicates import incircle_ref, orient_ref
 
 
 def empty_circle_ok(P, tri) -> bool:

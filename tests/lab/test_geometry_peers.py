@@ -29,3 +29,21 @@ def test_rows_and_markdown():
            "rows": rows}
     md = "\n".join(G.peers_markdown(res))
     assert "| 2e+03 | uniform |" in md and "| 2e+03 | gaussian |" in md
+    assert "Hull ahead of QHull on every row timed with QHull: met" in md  # the goals section
+
+
+def test_merge_results_replaces_same_rows():
+    def row(task, n, dist, v):
+        return {"task": task, "n": n, "dist": dist, "v": v}
+
+    old = {"date": "d0", "repeats": 5, "rows": [row("hull", 10, "uniform", 0), row("delaunay", 10, "grid", 0),
+                                               row("delaunay", 10, "uniform", 0)]}
+    new = {"date": "d1", "repeats": 3, "rows": [row("delaunay", 10, "uniform", 1), row("delaunay", 5, "circle", 1)]}
+    got = G.merge_results(old, new, {"date": "d1", "repeats": 3})
+    assert [(r["task"], r["n"], r["dist"], r["v"]) for r in got["rows"]] == [
+        ("delaunay", 5, "circle", 1), ("delaunay", 10, "uniform", 1), ("delaunay", 10, "grid", 0),
+        ("hull", 10, "uniform", 0)]
+    assert [r["date"] for r in got["runs"]] == ["d0", "d1"] and got["repeats"] == 3
+    again = G.merge_results(got, {"date": "d2", "repeats": 5, "rows": [row("hull", 10, "uniform", 2)]},
+                            {"date": "d2", "repeats": 5})
+    assert [r["date"] for r in again["runs"]] == ["d0", "d1", "d2"] and len(again["rows"]) == 4

@@ -30,8 +30,19 @@ import math
 import numpy as np
 from numba import njit
 
-from der.geometry._expansion import (fast_expansion_sum, fast_two_sum, scale_expansion, stack_f64, stack_i64,
-                                     store4, two_diff_tail, two_prod, two_sum, two_two_diff)
+from der.geometry._expansion import (
+    fast_expansion_sum,
+    fast_two_sum,
+    scale_expansion,
+    stack_f64,
+    stack_i64,
+    store4,
+    two_diff_tail,
+    two_prod,
+    two_sum,
+    two_two_diff,
+)
+from der.geometry._limbs import MASK30, limbs_sign, mant
 
 __all__ = ["incircle", "incircle_exact", "incircle_limbs"]
 
@@ -42,7 +53,6 @@ _ICC_ERRBOUND_C = (44.0 + 576.0 * _EPS) * _EPS * _EPS
 _RESULT_ERRBOUND = (3.0 + 8.0 * _EPS) * _EPS
 _TINY = 2.0**-900
 _DD_ERR = 128.0 * _EPS * _EPS  # double-double stage B: 4 x the 32 eps^2 worst case
-_MASK30 = (1 << 30) - 1
 
 
 @njit(cache=True, inline="always")
@@ -270,12 +280,6 @@ def _permutations() -> np.ndarray:
 _PERMS = _permutations()
 
 
-@njit(cache=True, inline="always")
-def _mant(v: float):
-    f, e = math.frexp(abs(v))
-    return np.int64(f * 9007199254740992.0), e - 53
-
-
 @njit(cache=True)
 def _acc_monomial(acc, u1, u2, u3, u4, sgn) -> None:
     """``acc += sgn * u1 u2 u3 u4`` exactly (30-bit limbs; the product of the four 53-bit mantissas
@@ -288,23 +292,23 @@ def _acc_monomial(acc, u1, u2, u3, u4, sgn) -> None:
     nxt = stack_i64(10)
     for i in range(10):
         prod[i] = 0
-    m, q = _mant(u1)
-    prod[0], prod[1] = m & _MASK30, m >> 30
+    m, q = mant(u1)
+    prod[0], prod[1] = m & MASK30, m >> 30
     n = 2
     for u in (u2, u3, u4):
-        mu, e = _mant(u)
+        mu, e = mant(u)
         q += e
-        lo, hi = mu & _MASK30, mu >> 30
+        lo, hi = mu & MASK30, mu >> 30
         for i in range(n + 2):
             nxt[i] = 0
         for i in range(n):
             nxt[i] += prod[i] * lo
             nxt[i + 1] += prod[i] * hi
             c = nxt[i] >> 30  # carry as we go: every entry stays below 2^62
-            nxt[i] &= _MASK30
+            nxt[i] &= MASK30
             nxt[i + 1] += c
         c = nxt[n] >> 30
-        nxt[n] &= _MASK30
+        nxt[n] &= MASK30
         nxt[n + 1] += c
         n += 2
         for i in range(n):
@@ -316,7 +320,7 @@ def _acc_monomial(acc, u1, u2, u3, u4, sgn) -> None:
             lim = b // 30
             sh = b - 30 * lim
             v = prod[i] << sh
-            acc[lim] += s * (v & _MASK30)
+            acc[lim] += s * (v & MASK30)
             acc[lim + 1] += s * (v >> 30)
 
 
@@ -333,16 +337,7 @@ def incircle_limbs(ax, ay, bx, by, cx, cy, dx, dy) -> float:
         i, j, k, sg = _PERMS[r, 0], _PERMS[r, 1], _PERMS[r, 2], _PERMS[r, 3]
         _acc_monomial(acc, X[i], Y[j], X[k], X[k], sg)
         _acc_monomial(acc, X[i], Y[j], Y[k], Y[k], sg)
-    carry = 0
-    nonzero = False
-    for i in range(320):
-        v = acc[i] + carry
-        carry = v >> 30
-        if v & _MASK30:
-            nonzero = True
-    if carry < 0:
-        return -1.0
-    return 1.0 if (carry > 0 or nonzero) else 0.0
+    return limbs_sign(acc, 320)
 
 
 @njit(cache=True)

@@ -12,13 +12,23 @@ All kernels use ``cache=True`` so compilation happens once per machine, not per 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
-from der.geometry._expansion import (estimate, fast_expansion_sum, stack_f64, stack_i64, store4,
-                                     two_diff_tail, two_prod, two_sum, two_two_diff)
+from der.geometry._expansion import (
+    estimate,
+    fast_expansion_sum,
+    stack_f64,
+    stack_i64,
+    store4,
+    two_diff_tail,
+    two_prod,
+    two_two_diff,
+)
+from der.geometry._limbs import MASK30, limbs_sign, mant
+
+__all__ = ["absmax", "chain_sorted", "chan_hull", "dedup_hash", "edge_tests", "filter_chains", "filter_chains_par",
+           "lex_fix_ties", "orient"]
 
 _EPS = 2.0**-53
 _CCW_ERRBOUND_A = (3.0 + 16.0 * _EPS) * _EPS
@@ -26,7 +36,6 @@ _CCW_ERRBOUND_B = (2.0 + 12.0 * _EPS) * _EPS
 _CCW_ERRBOUND_C = (9.0 + 64.0 * _EPS) * _EPS * _EPS
 _RESULT_ERRBOUND = (3.0 + 8.0 * _EPS) * _EPS
 _MASK27 = (1 << 27) - 1
-_MASK30 = (1 << 30) - 1
 _LIMBS = 150  # 30-bit limbs: every product of two finite doubles, 2^-2252 .. 2^2048, plus carries
 _TINY = 2.0**-900  # below this a float determinant may have underflowed: decide exactly
 
@@ -88,22 +97,15 @@ def _adapt_safe(ax, ay, bx, by, cx, cy) -> bool:
 
 
 @njit(cache=True, inline="always")
-def _mant(v: float):
-    """``|v| = m * 2^e`` with integer ``m < 2^53``; ``(m, e)``, ``e >= -1126``."""
-    f, e = math.frexp(abs(v))
-    return np.int64(f * 9007199254740992.0), e - 53
-
-
-@njit(cache=True, inline="always")
 def _acc_add(acc, x, q, sgn) -> None:
     """``acc += sgn * x * 2^q`` for ``0 <= x < 2^60`` on 30-bit limbs (no carries yet)."""
     lim = q // 30
     s = q - 30 * lim
-    v = (x & _MASK30) << s
-    acc[lim] += sgn * (v & _MASK30)
+    v = (x & MASK30) << s
+    acc[lim] += sgn * (v & MASK30)
     acc[lim + 1] += sgn * (v >> 30)
     v = (x >> 30) << s
-    acc[lim + 1] += sgn * (v & _MASK30)
+    acc[lim + 1] += sgn * (v & MASK30)
     acc[lim + 2] += sgn * (v >> 30)
 
 
@@ -118,8 +120,8 @@ def _orient_limbs(ax, ay, bx, by, cx, cy) -> float:
     for u, v, sg in ((ax, by, 1), (ax, cy, -1), (cx, by, -1), (ay, bx, -1), (ay, cx, 1), (cy, bx, 1)):
         if u == 0.0 or v == 0.0:
             continue
-        mu, eu = _mant(u)
-        mv, ev = _mant(v)
+        mu, eu = mant(u)
+        mv, ev = mant(v)
         if (u < 0.0) != (v < 0.0):
             sg = -sg
         q = eu + ev + 2252
@@ -129,16 +131,7 @@ def _orient_limbs(ax, ay, bx, by, cx, cy) -> float:
         _acc_add(acc, u0 * v1, q + 27, sg)
         _acc_add(acc, u1 * v0, q + 27, sg)
         _acc_add(acc, u1 * v1, q + 54, sg)
-    carry = 0
-    nonzero = False
-    for i in range(_LIMBS):
-        v = acc[i] + carry
-        carry = v >> 30
-        if v & _MASK30:
-            nonzero = True
-    if carry < 0:
-        return -1.0
-    return 1.0 if (carry > 0 or nonzero) else 0.0
+    return limbs_sign(acc, _LIMBS)
 
 
 @njit(cache=True)

@@ -1,9 +1,11 @@
 """Linear-time orderings for the Delaunay engine: a stable bucket argsort and the canonical triangle list.
 
 :func:`stable_argsort` sorts non-negative keys (squared distances from the sweep centre) by one
-counting pass into ``n`` equal-width buckets, a stable scatter, and an insertion sort inside each
-bucket (a stable merge sort for the rare crowded bucket). Bucketing by ``int(d * scale)`` is
-monotone in ``d``, so the result equals ``np.argsort(d, kind="stable")``.
+counting pass into ``n`` equal-width buckets over ``[min d, max d]`` (points on a circle: distances
+in a sliver of width ~1e-16 still spread over all buckets), a stable scatter, and an insertion sort
+inside each bucket (a stable merge sort for the rare crowded bucket). Bucketing by
+``int((d - min d) * scale)`` is monotone in ``d``, so the result equals
+``np.argsort(d, kind="stable")``.
 
 :func:`canonical_from_cw` turns the engine's clockwise triangles (ranks in the insertion order) into
 the public canonical form -- counter-clockwise, smallest vertex first, rows sorted -- with a counting
@@ -27,15 +29,18 @@ def stable_argsort(d):
     """``np.argsort(d, kind="stable")`` for finite ``d >= 0`` (module docstring)."""
     n = d.shape[0]
     top = 0.0
+    bot = np.inf
     for i in range(n):
         top = max(top, d[i])
-    scale = (n - 1) / top if top > 0.0 else 0.0
-    if not (np.isfinite(scale) and np.isfinite(top)):  # (a distance overflowed to inf)
+        bot = min(bot, d[i])
+    span = top - bot
+    scale = (n - 1) / span if span > 0.0 else 0.0
+    if not (np.isfinite(scale) and np.isfinite(span)):  # (a distance overflowed to inf)
         return np.argsort(d, kind="mergesort")
     key = np.empty(n, dtype=np.int64)
     start = np.zeros(n + 1, dtype=np.int64)
     for i in range(n):
-        k = min(int(d[i] * scale), n - 1)
+        k = min(int((d[i] - bot) * scale), n - 1)
         key[i] = k
         start[k + 1] += 1
     for k in range(n):

@@ -27,10 +27,17 @@ from der.geometry._incircle import incircle
 from der.geometry._kernels import orient
 from der.geometry._order import stable_argsort
 
+__all__ = ["index_proto", "sweep_delaunay", "sweep_ranked"]
+
 
 @njit(cache=True, inline="always")
 def _nxt(h: int) -> int:
     return h - 2 if h % 3 == 2 else h + 1
+
+
+@njit(cache=True, inline="always")
+def _prv(h: int) -> int:
+    return h + 2 if h % 3 == 0 else h - 1
 
 
 @njit(cache=True, inline="always")
@@ -76,17 +83,15 @@ def _legalize(X, Y, tri, he, hull_prev, hull_tri, hull_start, stack, a) -> int:
     ar = 0
     while True:
         b = he[a]
-        a0 = a - a % 3
-        ar = a0 + (a + 2) % 3
+        ar = _prv(a)
         if b == -1:
             if i == 0:
                 break
             i -= 1
             a = stack[i]
             continue
-        b0 = b - b % 3
-        al = a0 + (a + 1) % 3
-        bl = b0 + (b + 2) % 3
+        al = _nxt(a)
+        bl = _prv(b)
         p0, pr, pl, p1 = tri[ar], tri[a], tri[al], tri[bl]
         if incircle(X[p0], Y[p0], X[pr], Y[pr], X[pl], Y[pl], X[p1], Y[p1]) < 0.0:
             tri[a] = p1
@@ -106,7 +111,7 @@ def _legalize(X, Y, tri, he, hull_prev, hull_tri, hull_start, stack, a) -> int:
             _link(he, a, hbl)
             _link(he, b, he[ar])
             _link(he, ar, bl)
-            stack[i] = b0 + (b + 1) % 3
+            stack[i] = _nxt(b)
             i += 1
         else:
             if i == 0:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from der.geometry._kernels import absmax
 from der.geometry._order import canonical_from_cw
 from der.geometry._sweep import index_proto, sweep_ranked
 from der.geometry.data import check_points
@@ -109,10 +110,10 @@ def _qhull(P: np.ndarray) -> np.ndarray:
                          "method='sweep' (exact) can") from None
 
 
-def _sweep(P: np.ndarray) -> np.ndarray:
-    """Our exact engine on ``P`` (rescaled by a power of two when its magnitude is extreme), in the
-    canonical form."""
-    big = float(np.abs(P).max())
+def _sweep(P: np.ndarray, big: float | None = None) -> np.ndarray:
+    """Our exact engine on ``P`` (rescaled by a power of two when its magnitude ``big`` = max |P| is
+    extreme), in the canonical form."""
+    big = float(absmax(P)) if big is None else big
     if big > 0.0 and not 2.0**-100 <= big <= 2.0**100:
         e = -int(np.frexp(big)[1])
         Q = np.ldexp(P, e)
@@ -135,13 +136,16 @@ def delaunay(points, method: str = "auto") -> np.ndarray:
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    P = check_points(points, 2)
+    P = check_points(points, 2, check_finite=False)
+    big = float(absmax(P))  # one pass, no temporaries: max |P|, NaN or inf if some entry is
+    if not np.isfinite(big):
+        check_points(P, 2)  # raises, naming the rows with NaN or Inf
     if len(P) < 3:
         return np.zeros((0, 3), dtype=np.int64)
     if method == "qhull":
         return _canonical(P, _qhull(P))
     if method in ("auto", "sweep"):
-        return _sweep(P)
+        return _sweep(P, big)
     order = morton_order(P)
     tri = _qhull(np.ascontiguousarray(P[order]))
     return _canonical(P, order[tri] if len(tri) else tri)

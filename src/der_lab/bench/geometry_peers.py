@@ -2,11 +2,17 @@ r"""Exact geometry against the best peers: Delaunay vs Shewchuk's Triangle and S
 Shapely/GEOS and the memory floor; a chunked hull of a memory-mapped file larger than the in-memory cases.
 
     der bench geometry-peers [--quick] [--repeats R] [--max-n N] [--hull-max-n N] [--chunked-n N] [--docs-only]
+                             [--sections delaunay,hull,chunked] [--min-n N] [--dists a,b] [--merge]
+
+``--sections`` / ``--min-n`` / ``--dists`` / ``--merge`` split the full run into several shorter ones whose rows are
+merged into one JSON (each row records the load average when it finished).
 
 One process, single thread (our kernels run serially; Triangle, QHull and GEOS are serial). For every
-case the methods run interleaved (A, B, C, A, B, C, ...) after one warm-up call each
-(:func:`der_lab.bench.geometry_algos._time`); medians of wall and process-CPU time, time per point,
-and the ratios in the same run.
+case ours and its baseline (Triangle; the memory floor) run interleaved (A, B, A, B, ...) after one
+warm-up call each (:func:`der_lab.bench.geometry_algos._time`), then the other peers (SciPy, Shapely)
+interleaved among themselves (:func:`_time_groups`: interleaved with them, ours would pay for the
+allocator's clean-up of their millions of freed objects); medians of wall and process-CPU time, time
+per point, and the ratios in the same process.
 
 * Delaunay: ``ours`` = ``der.geometry.delaunay`` (canonical, sorted output included), ``triangle`` =
   ``triangle.triangulate({"vertices": P}, "Q")`` (Shewchuk's Triangle, divide and conquer, adaptive
@@ -14,7 +20,7 @@ and the ratios in the same run.
   circle, where QHull takes minutes). Check: in
   general position (uniform, Gaussian, parabola, clustered) our triangle set equals Triangle's;
   on cocircular input (grid, circle) the Delaunay triangulation is not unique and the triangle
-  counts must agree. The circle is run up to 1e5 only (our slowest case: see the docs).
+  counts must agree.
 * Hull: ``ours`` = ``der.geometry.convex_hull``; ``floor`` = one pass reading every coordinate (a numba
   max-reduction over the same array: the memory floor of any exact hull); ``scipy`` = QHull;
   ``shapely`` = ``shapely.convex_hull(shapely.multipoints(P))`` (up to ``--shapely-max-n``; QHull
@@ -45,7 +51,7 @@ from numba import njit
 from der_lab.bench.geometry_algos import _time
 from der_lab.harness import Run, result_path
 
-__all__ = ["DISTS", "main", "peers_markdown", "points", "read_floor"]
+__all__ = ["DISTS", "main", "merge_results", "peers_markdown", "points", "read_floor"]
 
 DISTS = ("uniform", "gaussian", "parabola", "circle", "grid", "clustered")
 GENERAL = ("uniform", "gaussian", "parabola", "clustered")  # unique Delaunay triangulation
@@ -71,6 +77,16 @@ def read_floor(P) -> float:
     return m
 
 
+def _time_groups(fns: dict, first: tuple, repeats: int, check) -> dict:
+    """Ours and its baseline (``first``) interleaved with each other, then the other peers interleaved
+    among themselves, in one process. The peers that build millions of small objects (QHull's facets,
+    Shapely's points) leave freed memory that the allocator consolidates at the next allocation, and
+    evict the caches: interleaved with them, ours would pay for their clean-up."""
+    head = {k: fns[k] for k in first}
+    rest = {k: f for k, f in fns.items() if k not in head}
+    return {**_time(head, repeats, check), **(_time(rest, repeats, check) if rest else {})}
+
+
 def _per_point(row: dict, n: int, base: str) -> None:
     b = row["methods"][base]
     for m in row["methods"].values():
@@ -88,8 +104,6 @@ def bench_delaunay(ns, dists, repeats, scipy_max, rows) -> None:
 
     for n in ns:
         for dist in dists:
-            if dist == "circle" and n > 10**5:
-                continue  # every point on the hull of the sweep: our slowest case, kept to n <= 1e5
             P = points(dist, n)
             fns = {"ours": lambda P=P: delaunay(P),
                    "triangle": lambda P=P: triangle.triangulate({"vertices": P}, "Q")["triangles"]}
@@ -102,10 +116,10 @@ def bench_delaunay(ns, dists, repeats, scipy_max, rows) -> None:
                     ref[k] = out  # compared below, once
                 return len(out) > 0
 
-            res = _time(fns, repeats, check)
+            res = _time_groups(fns, ("ours", "triangle"), repeats, check)
             ours, tri = ref["ours"], ref["triangle"]
             same = (np.array_equal(ours, _canonical(P, tri)) if dist in GENERAL else len(ours) == len(tri))
-            row = {"task": "delaunay", "n": n, "dist": dist, "triangles": len(ours),
+            row = {"task": "delaunay", "n": n, "dist": dist, "load_avg_1m": os.getloadavg()[0], "triangles": len(ours),
                    "triangle_triangles": len(tri), "same_as_triangle": bool(same),
                    "check": "same triangle set" if dist in GENERAL else "same count (cocircular)",
                    "methods": res}
@@ -133,7 +147,9 @@ def bench_hull(ns, dists, repeats, shapely_max, rows) -> None:
             def check(k, out, want=want):
                 return np.array_equal(out, want) if k == "ours" else True
 
-            row = {"task": "hull", "n": n, "dist": dist, "h": len(want), "methods": _time(fns, repeats, check)}
+            row = {"task": "hull", "n": n, "dist": dist, "h": len(want),
+                   "methods": _time_groups(fns, ("ours", "floor"), repeats, check),
+                   "load_avg_1m": os.getloadavg()[0]}
             _per_point(row, n, "floor")
             rows.append(row)
             _print(row, "floor")
@@ -162,7 +178,7 @@ def bench_chunked(n: int, chunk_rows: int, rows) -> None:
         del full
     row = {"task": "chunked", "n": n, "dist": "uniform", "chunk_rows": chunk_rows, "bytes": 16 * n,
            "wall_s": wall, "cpu_s": cpu, "points_per_s": n / wall, "gb_per_s": 16 * n / wall / 1e9,
-           "h": len(got), "same_as_in_memory": same}
+           "h": len(got), "same_as_in_memory": same, "load_avg_1m": os.getloadavg()[0]}
     rows.append(row)
     print(f"chunked  n={n:.0e}  {wall:.2f}s  {n / wall / 1e6:.1f} Mpt/s  {16 * n / wall / 1e9:.2f} GB/s  "
           f"same={same}", flush=True)
@@ -176,14 +192,75 @@ def _print(row: dict, base: str) -> None:
     print("  ".join(cells), flush=True)
 
 
+def _goals(rows: list[dict]) -> list[str]:
+    """The issue's goals, judged from the rows (wall and CPU time); empty if no row bears on them."""
+    out = []
+
+    def judge(sel, ratio, goal, better_high):
+        got = [(r, ratio(r)) for r in rows if sel(r)]
+        if not got:
+            return None
+        ok = [(w >= goal if better_high else w <= goal) for _, (w, _c) in got]
+        worst = min(got, key=lambda g: g[1][0] if better_high else -g[1][0])
+        r, (w, c) = worst
+        verdict = "met" if all(ok) else f"not met ({sum(ok)} of {len(ok)} rows)"
+        return f"{verdict}; worst {r['dist']} at {r['n']:.0e}: {w:.2f} wall, {c:.2f} CPU"
+
+    def tri(r):
+        o = r["methods"]["ours"]
+        return o["triangle_over_this_wall"], o["triangle_over_this_cpu"]
+
+    def floor(r):
+        o = r["methods"]["ours"]
+        return 1 / o["floor_over_this_wall"], 1 / o["floor_over_this_cpu"]
+
+    hard = judge(lambda r: r["task"] == "delaunay" and r["n"] in (10**5, 10**6)
+                 and r["dist"] in ("uniform", "gaussian", "parabola"), tri, 1.2, True)
+    if hard:
+        out.append(f"* Delaunay >= 1.2x Triangle at 1e5 and 1e6 on uniform, Gaussian, parabola: {hard}.")
+    every = judge(lambda r: r["task"] == "delaunay" and r["n"] in (10**5, 10**6), tri, 1.0, True)
+    if every:
+        out.append(f"* Delaunay faster than Triangle on every distribution at 1e5 and 1e6: {every}.")
+    per = {}
+    for r in rows:
+        if r["task"] == "delaunay" and r["dist"] == "uniform":
+            per[r["n"]] = r["methods"]["ours"]["ns_per_point"] / 1e3
+    if len(per) > 1:
+        out.append("* Delaunay time per point (uniform, µs): " + ", ".join(f"{n:.0e}: {v:.2f}" for n, v in
+                                                                          sorted(per.items()))
+                   + (" (flat)" if max(per.values()) <= 1.2 * min(per.values()) else " (not flat)") + ".")
+    hull = judge(lambda r: r["task"] == "hull" and r["n"] in (10**6, 10**7) and r["dist"] in ("uniform", "gaussian"),
+                 floor, 2.0, False)
+    if hull:
+        out.append(f"* Hull <= 2x the memory floor at 1e6 and 1e7 on uniform and Gaussian: {hull}.")
+    qh = [r for r in rows if r["task"] == "hull" and "scipy" in r["methods"]]
+    if qh:
+        slow = [r for r in qh if r["methods"]["scipy"]["wall_s"] <= r["methods"]["ours"]["wall_s"]]
+        least = min(qh, key=lambda r: r["methods"]["scipy"]["wall_s"] / r["methods"]["ours"]["wall_s"])
+        x = least["methods"]["scipy"]["wall_s"] / least["methods"]["ours"]["wall_s"]
+        out.append(f"* Hull ahead of QHull on every row timed with QHull: {'met' if not slow else 'not met'} "
+                   f"(least margin {x:.1f}x, {least['dist']} at {least['n']:.0e}; QHull is not timed on the "
+                   "circle at 1e7).")
+    return ["### Goals (issue 18), judged from the rows below", "", *out, ""] if out else []
+
+
 def peers_markdown(res: dict) -> list[str]:
     """Markdown sections (lines) of the JSON written by :func:`main`."""
+    loads = [r["load_avg_1m"] for r in res["rows"] if "load_avg_1m" in r]
+    load = (f"load {min(loads):.1f}-{max(loads):.1f} (1-minute average as each row finished)" if loads else
+            f"load {res['load_avg_1m_at_start']:.1f} at start, {res['load_avg_1m_at_end']:.1f} at end")
+    runs = res.get("runs", [])
+    counts = sorted({m["runs"] for r in res["rows"] for m in r.get("methods", {}).values() if "runs" in m})
+    reps = "/".join(map(str, counts)) if counts else res["repeats"]
+    parts = f", {len(runs)} runs merged" if len(runs) > 1 else ""
     out = ["## Peers: Delaunay vs Shewchuk's Triangle, hull vs the memory floor", "",
            f"Generated by `der bench geometry-peers` from `benchmarks/results/geometry_peers.json` "
-           f"({res['date']}, {res['machine']}, load {res['load_avg_1m_at_start']:.1f} at start, "
-           f"{res['load_avg_1m_at_end']:.1f} at end). Single thread, median of {res['repeats']} interleaved "
-           "runs after a warm-up, ratios within one run. `x` columns: the peer's time over ours "
-           "(> 1: ours is faster); CPU-time ratios are the steadier figure on a shared machine.", ""]
+           f"({res['date']}, {res['machine']}, {load}{parts}). Single thread, median of {reps} "
+           "interleaved runs after a warm-up (per row in the JSON), ratios within one process. `x` columns: the peer's time over ours "
+           "(> 1: ours is faster); CPU-time ratios are the steadier figure on a shared machine. No "
+           "all-cores column: the Delaunay engine and the hull's slab pass are serial, and on this 2-core "
+           "machine, shared with other jobs, a parallel timing would not be meaningful.", ""]
+    out += _goals(res["rows"])
     dl = [r for r in res["rows"] if r["task"] == "delaunay"]
     if dl:
         out += ["### Delaunay (ms; µs per point; Triangle time / ours)", "",
@@ -236,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-rows", type=int, default=1 << 22)
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/geometry_peers.json)")
     ap.add_argument("--docs-only", action="store_true", help="regenerate the docs tables from the JSON")
+    ap.add_argument("--sections", default="delaunay,hull,chunked", help="comma-separated subset to run")
+    ap.add_argument("--min-n", type=float, default=0, help="smallest n of the Delaunay and hull sections")
+    ap.add_argument("--dists", default=",".join(DISTS), help="comma-separated subset of the distributions")
+    ap.add_argument("--merge", action="store_true",
+                    help="merge the rows into the existing JSON (replacing rows of the same task, n, data)")
     args = ap.parse_args(argv)
     out = result_path("geometry_peers.json", args.out)
     if args.docs_only:
@@ -250,27 +332,48 @@ def main(argv: list[str] | None = None) -> int:
     read_floor(np.zeros((4, 2)))
     reps = 3 if args.quick else args.repeats
     top = 1e5 if args.quick else args.max_n
+    sections = set(args.sections.split(","))
+    dists = [d for d in DISTS if d in args.dists.split(",")]
     rows: list[dict] = []
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "load_avg_1m_at_start": os.getloadavg()[0], "repeats": reps, "rows": rows}
+    old = json.loads(out.read_text()) if args.merge and out.exists() else None
+    this_run = {"date": res["date"], "argv": list(argv) if argv is not None else None, "repeats": reps,
+                "load_avg_1m_at_start": res["load_avg_1m_at_start"]}
 
     def save(done: str) -> None:  # after every section, so a stopped run keeps what it measured
-        res.update(load_avg_1m_at_end=os.getloadavg()[0], completed=done)
-        run.write(out, res)
+        this_run.update(load_avg_1m_at_end=os.getloadavg()[0], completed=done)
+        res.update(load_avg_1m_at_end=this_run["load_avg_1m_at_end"], completed=done)
+        run.write(out, merge_results(old, res, this_run) if old is not None else {**res, "runs": [this_run]})
 
     for n in (10**4, 10**5, 10**6, 10**7):
-        if n <= top:
-            bench_delaunay([n], DISTS, reps, args.scipy_max_n, rows)
+        if "delaunay" in sections and args.min_n <= n <= top:
+            bench_delaunay([n], dists, reps, args.scipy_max_n, rows)
             save(f"delaunay n={n}")
     for n in (10**6, 10**7):
-        if n <= (1e6 if args.quick else args.hull_max_n):
-            bench_hull([n], DISTS, reps, args.shapely_max_n, rows)
+        if "hull" in sections and args.min_n <= n <= (1e6 if args.quick else args.hull_max_n):
+            bench_hull([n], dists, reps, args.shapely_max_n, rows)
             save(f"hull n={n}")
-    if args.chunked_n and not args.quick:
+    if "chunked" in sections and args.chunked_n and not args.quick:
         bench_chunked(int(args.chunked_n), args.chunk_rows, rows)
         save("all")
     print(f"wrote {out} and {_write_docs()}")
     return 0
+
+
+def merge_results(old: dict, new: dict, this_run: dict) -> dict:
+    """``new``'s rows merged into ``old``'s (a row of the same task, n and data is replaced), rows
+    ordered by task, n and data; ``runs`` lists every run that contributed. The top-level ``repeats``
+    is the smallest of the merged runs'."""
+    key = lambda r: (r["task"], r["n"], r["dist"])  # noqa: E731
+    fresh = {key(r) for r in new["rows"]}
+    rows = [r for r in old.get("rows", []) if key(r) not in fresh] + list(new["rows"])
+    tasks = ("delaunay", "hull", "chunked")
+    rows.sort(key=lambda r: (tasks.index(r["task"]), r["n"], DISTS.index(r["dist"])))
+    legacy = [{"date": old.get("date"), "argv": old.get("meta", {}).get("argv"), "repeats": old.get("repeats")}]
+    runs = old.get("runs") or (legacy if len(rows) > len(new["rows"]) else [])
+    runs = [*runs, this_run]
+    return {**new, "rows": rows, "runs": runs, "repeats": min(r["repeats"] for r in runs if r.get("repeats"))}
 
 
 def _write_docs() -> Path:
