@@ -43,8 +43,8 @@ import torch
 
 from der_lab.harness import result_path, write_json
 
-__all__ = ["METHODS", "TUNES", "document_windows", "embed_batches", "id_batches", "main", "oracle_recalls", "run",
-           "training_texts"]
+__all__ = ["METHODS", "TUNES", "document_windows", "embed_batches", "id_batches", "layout_recall", "main",
+           "oracle_recalls", "run", "training_texts"]
 
 METHODS = ("static/anchors", "static/attention", "static/bigbird", "dynamic/anchors", "dynamic/moba")
 TUNES = ("none", "distill", "distill+mass")
@@ -133,7 +133,7 @@ def _convert(model, method: str, sparsity: float, calib: list[dict], seed: int, 
                    calib_inputs=calib if rule == "attention" else None)
 
 
-def _recall(model, handle, batches: list[dict]) -> tuple[float, float]:
+def layout_recall(model, handle, batches: list[dict]) -> tuple[float, float]:
     """Attention-mass recall of the layouts the converted model uses on ``batches`` (1 − mass term) and
     the fraction of real-token block pairs they keep (:func:`der.attention.metrics.real_density`)."""
     from der.attention import distill
@@ -154,11 +154,12 @@ def _recall(model, handle, batches: list[dict]) -> tuple[float, float]:
     return sum(vals) / len(vals), sum(dens) / len(dens)
 
 
-def oracle_recalls(model, batches: list[dict], sparsities, block: int) -> dict:
+def oracle_recalls(model, batches: list[dict], sparsities, block: int, causal: bool = False) -> dict:
     """Attention-mass recall of the best layouts at each budget on the dense model's own attention
     (``batches``, before any conversion): per input (``dynamic``, each sequence its own top blocks at the
     budget of its real blocks), shared by the batches (``static``; only without padding, where one budget
-    fits every sequence), and chance (the kept fraction) — what any layout rule could reach here."""
+    fits every sequence), and chance (the kept fraction) — what any layout rule could reach here.
+    ``causal``: budgets and layouts over the causal triangle (decoders)."""
     from der.attention.layout import BlockLayout, num_blocks
     from der.attention.metrics import attention_mass_recall, oracle_layout
     from der.attention.rules import select_blocks, valid_blocks
@@ -180,10 +181,10 @@ def oracle_recalls(model, batches: list[dict], sparsities, block: int) -> dict:
                 B, H, n, _ = p.shape
                 nb = num_blocks(n, block)
                 rnd = torch.rand(B, H, nb, nb, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-                mask = select_blocks(rnd, sp, False, "head", valid_blocks(qm, block)[:, None, :])
+                mask = select_blocks(rnd, sp, causal, "head", valid_blocks(qm, block)[:, None, :])
                 for kind, m in (("dynamic", mask), ("static", None if padded else mask[:1])):
                     if m is not None:
-                        lay = oracle_layout(p, BlockLayout(m, block, n, False), qm)
+                        lay = oracle_layout(p, BlockLayout(m, block, n, causal), qm)
                         got[kind].append(attention_mass_recall(p, lay, qm).overall)
         out[str(sp)] = {k: (statistics.fmean(v) if v else None) for k, v in got.items()} | {"chance": 1.0 - sp}
     return out
@@ -203,7 +204,7 @@ def _evaluate(model, handle, data: dict, dense: dict) -> dict:
     c = cosine_to_reference(emb, dense["eval"])
     pair_emb = emb if data["pair_batches"] is None else embed_batches(model, data["pair_batches"])
     cos, sts = _pair_spearman(pair_emb, data["pairs"], dense["pairs"])
-    recall, density = _recall(model, handle, data["recall"])
+    recall, density = layout_recall(model, handle, data["recall"])
     row = {"cos_mean": c.mean, "cos_min": c.min, "sts_spearman_vs_dense": sts, "recall": recall,
            "real_density": density, "dense_fallbacks": dict(handle.dense_fallbacks)}
     if data["gold"] is not None:

@@ -95,6 +95,22 @@ def test_byte_lm_tiny_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_byte_lm_quality_tiny(tmp_path):
+    r = _run(tmp_path, "byte-lm-quality", "--context", "256", "--block-size", "32", "--hidden", "32", "--layers", "1",
+             "--steps", "2", "--distill-steps", "1", "--max-bytes", "60000", "--val-windows", "2",
+             "--batch-size", "2", "--sparsities", "0.5,0.75", "--methods", "der/anchors,static/attention,dynamic/moba")
+    assert set(r["summary"]) == {f"{m}@{s}/{t}" for m in ("der/anchors", "static/attention", "dynamic/moba")
+                                 for s in (0.5, 0.75) for t in ("none", "distill")}
+    for key, s in r["summary"].items():  # every method at the same budget over the causal triangle
+        sp = float(key.split("@")[1].split("/")[0])
+        assert s["kept_causal_pairs"]["mean"] == pytest.approx(1 - sp, abs=0.08), key
+        assert 0 < s["recall"]["mean"] <= 1 and s["val_ppl"]["mean"] > 1
+    orc = r["oracle"]["0"]["0.75"]
+    assert orc["chance"] == pytest.approx(0.25) and orc["dynamic"] >= orc["static"] - 1e-9
+    assert (tmp_path / "run" / "partial.json").exists()
+
+
+@pytest.mark.slow
 def test_vit_digits_tiny_end_to_end(tmp_path):
     r = _run(tmp_path, "vit-digits", "--epochs", "1", "--finetune-epochs", "0", "--train-limit", "32",
              "--test-limit", "16", "--hidden", "16", "--layers", "1")
