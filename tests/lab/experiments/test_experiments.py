@@ -94,8 +94,7 @@ def test_byte_lm_tiny_end_to_end(tmp_path):
     assert r["meta"]["quick"] is True
 
 
-@pytest.mark.slow
-def test_byte_lm_quality_tiny(tmp_path):
+def test_byte_lm_quality_tiny(tmp_path):  # not slow: CI runs it (~10 s)
     r = _run(tmp_path, "byte-lm-quality", "--context", "256", "--block-size", "32", "--hidden", "32", "--layers", "1",
              "--steps", "2", "--distill-steps", "1", "--max-bytes", "60000", "--val-windows", "2",
              "--batch-size", "2", "--sparsities", "0.5,0.75", "--methods", "der/anchors,static/attention,dynamic/moba")
