@@ -40,3 +40,21 @@ def test_verdict_compares_the_best_der_row_with_the_best_other_beyond_the_spread
     assert v[0.75]["best_der"] == "static/attention@0.75/distill+mass" and v[0.75]["best_other"] == "static/bigbird@0.75/none"
     assert v[0.75]["gap"] == pytest.approx(0.01) and not v[0.75]["der_wins"]  # 0.01 is not beyond sd 0.02
     assert v[0.5]["der_wins"] and v[0.5]["best"] == "dynamic/anchors@0.5/none"
+
+
+def test_byte_lm_section_judges_perplexity_lower_is_better():
+    from der_lab.report.distill import BYTE_LM_FILE
+
+    summ = {"der/anchors@0.75/none": {"val_ppl": _stat(7.7), "ppl_increase_pct": _stat(6.0, 1.0),
+                                      "recall": _stat(0.6), "kept_causal_pairs": _stat(0.25, 0.0)},
+            "static/bigbird@0.75/none": {"val_ppl": _stat(7.2), "ppl_increase_pct": _stat(0.3, 0.1),
+                                         "recall": _stat(0.7), "kept_causal_pairs": _stat(0.25, 0.0)}}
+    v = verdict({"summary": summ}, "ppl_increase_pct", higher=False)[0]
+    assert v["best_other"] == "static/bigbird@0.75/none" and v["gap"] == pytest.approx(-5.7) and not v["der_wins"]
+    cfg = {"layers": 2, "hidden": 64, "heads": 4, "steps": 600, "context": 2048, "block_size": 64, "val_windows": 16,
+           "distill_steps": 40, "distill_lr": 5e-4, "lam": 0.01}
+    d = {"meta": {"config": cfg}, "summary": summ, "dense_models": {"dense": [{"val_ppl": 7.0}, {"val_ppl": 7.4}]},
+         "oracle": {"0": {"0.75": {"dynamic": 0.8, "static": 0.8, "chance": 0.25}}}}
+    md = render({BYTE_LM_FILE: d})
+    assert "met by `static/bigbird@0.75/none`." in md and "der/anchors@0.75/none`." not in md
+    assert "75%: 0.800, chance 0.250" in md and "| static/bigbird@0.75/none | 2 | 7.2000 ± 0.0100 |" in md
