@@ -4,7 +4,8 @@ At quick scale a single seed moves methods by several points (docs/experiments.m
 spread. ``der exp aggregate-seeds A.json B.json ... --out X.json`` writes the same ``methods`` layout as one
 run (so the docs and claims scripts read it unchanged): every numeric field is the mean over seeds, with
 ``<field>_std`` (sample standard deviation) and ``<field>_seeds`` (the values, in input order) next to it.
-A method missing from any input is dropped (listed under ``meta.dropped``). The inputs must share every
+A method missing from any input is dropped (listed under ``meta.dropped``); other top-level fields keep one value
+where the seeds agree and a per-seed list where they differ. The inputs must share every
 config field but ``seed``.
 """
 
@@ -52,7 +53,11 @@ def aggregate(results: list[dict]) -> dict:
                 loadavg_start=[r["meta"].get("loadavg_start") for r in results],
                 loadavg_end=[r["meta"].get("loadavg_end") for r in results])
     meta.pop("config_hash", None)
-    extra = {k: v for k, v in results[0].items() if k not in ("meta", "methods", "wall_seconds")}
+    extra = {}
+    for k in results[0]:
+        if k not in ("meta", "methods", "wall_seconds"):
+            vals = [r.get(k) for r in results]
+            extra[k] = vals[0] if all(v == vals[0] for v in vals) else vals  # per-seed list where they differ
     return {"meta": meta, "methods": methods, **extra,
             "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in results)}
 

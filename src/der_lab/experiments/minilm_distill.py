@@ -175,7 +175,9 @@ def oracle_recalls(model, batches: list[dict], sparsities, block: int, causal: b
     for sp in sparsities:
         got = {"dynamic": [], "static": []}
         for b, layers in zip(batches, probs, strict=True):
-            qm = b["attention_mask"].bool()
+            n_tok = layers[0].shape[-1]
+            qm = (b["attention_mask"].bool() if "attention_mask" in b
+                  else torch.ones(layers[0].shape[0], n_tok, dtype=torch.bool))  # e.g. ViT: every token real
             padded = not bool(qm.all())
             for p in layers:
                 B, H, n, _ = p.shape

@@ -122,6 +122,7 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
     from der.attention import BlockLayout, convert
     from der.attention.baselines import topb_mask
     from der.attention.metrics import mean_block_length
+    from der_lab.experiments.minilm_distill import layout_recall, oracle_recalls
 
     torch.manual_seed(cfg.seed)
     data = digits_dataset(seed=cfg.seed, limit=None)
@@ -152,6 +153,9 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
 
     results: dict = {"methods": {}, "n_tokens": n_tokens}
     dense, dh, _ = train_variant("dense", handle_reg=False)
+    recall_batches = [{"pixel_values": xt[i : i + 32]} for i in range(0, min(len(xt), 128), 32)]
+    # what any layout could keep of this model's own attention at each budget (issue 14: structure check)
+    results["oracle_recall"] = oracle_recalls(dense, recall_batches, cfg.sparsities, cfg.block_size)
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     dense_ms = median_ms(lambda: dense(pixel_values=xb))
     results["methods"]["dense"] = {"top1": accuracy(dense, xt, yt), "latency_ms": dense_ms,
@@ -189,11 +193,13 @@ def run(cfg: ViTDigitsConfig, run_dir: Path) -> dict:
             layouts = list(handle.converted.layouts.values())
             sp = float(sum(lay.sparsity() for lay in layouts) / len(layouts))
             before = accuracy(model, xt, yt)
+            recall = layout_recall(model, handle, recall_batches)[0]  # of the source model's attention, pre-tuning
             if cfg.finetune_epochs:
                 train_classifier(model, train, epochs=cfg.finetune_epochs, lr=cfg.lr / 4, batch_size=cfg.batch_size,
                                  out_dir=run_dir / f"{method}_{s}_ft", config=cfg, seed=cfg.seed)
             results["methods"][f"{method}@{s}"] = {
                 "top1_before_finetune": before, "top1": accuracy(model, xt, yt), "block_sparsity": sp,
+                "attention_mass_recall": recall,
                 "mean_block_length": sum(mean_block_length(lay) for lay in layouts) / len(layouts),
                 "flops": vit_flops(spec, n_tokens, 1 - sp), "latency_ms": median_ms(lambda m=model: m(pixel_values=xb)),
                 "dense_fallbacks": dict(handle.dense_fallbacks),

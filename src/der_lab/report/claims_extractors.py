@@ -28,6 +28,7 @@ __all__ = [
     "surrogate_op",
     "minilm",
     "minilm_distill",
+    "byte_lm_quality",
 ]
 
 Verdict = tuple[str, str]
@@ -262,3 +263,20 @@ def minilm_distill(d: dict) -> Verdict:
     return txt, ("reproduced (a DER variant wins beyond the seed spread at " + ", ".join(f"{v['sparsity']:.0%}" for v in wins)
                  + ")" if wins else "not reproduced (no DER variant beats the best non-DER layout; "
                  "the default rule is the best non-DER one)")
+
+
+def byte_lm_quality(d: dict) -> Verdict:
+    """The perplexity verdict of ``der exp byte-lm-quality`` (lower is better)."""
+    from der_lab.report.distill import verdict
+
+    cfg = d["meta"]["config"]
+    vs = verdict(d, "ppl_increase_pct", higher=False)
+    parts = [f"{v['sparsity']:.0%}: best DER `{v['best_der']}` {v['best_der_mean']:+.2f}% vs best other "
+             f"`{v['best_other']}` {v['best_other_mean']:+.2f}% (sd {v['spread']:.2f})" for v in vs]
+    txt = (f"byte-level Llama trained here, context {cfg['context']}, blocks of {cfg['block_size']}, equal budget, "
+           f"seeds {list(cfg['seeds'])}, perplexity vs dense: " + "; ".join(parts))
+    if not vs:
+        return txt, "incomplete"
+    wins = [v for v in vs if v["der_wins"]]
+    return txt, ("reproduced (a DER variant wins beyond the seed spread at " + ", ".join(f"{v['sparsity']:.0%}" for v in wins)
+                 + ")" if wins else "not reproduced (no DER variant beats the best non-DER layout)")

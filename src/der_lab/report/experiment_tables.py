@@ -57,11 +57,24 @@ def vit(d: dict) -> tuple[list[str], Callable | None]:
     dense = m["dense"]
     rows = []
     for k, v in m.items():
-        rows.append([k, _pm(v, "top1"), _pm(v, "top1_before_finetune"), _f(v.get("block_sparsity"), 3),
+        rows.append([k, _pm(v, "top1"), _pm(v, "top1_before_finetune"), _pm(v, "attention_mass_recall", 3),
+                     _f(v.get("block_sparsity"), 3),
                      _f(v.get("mean_block_length"), 2), _f(v.get("flops", math.nan) / 1e6, 1) if "flops" in v else "n/a",
                      _f(v.get("latency_ms"), 1)])
-    out = _table(["method", "top-1 %", "top-1 before fine-tune", "block sparsity", "mean block length (blocks)",
-                  "MFLOPs / image", "latency ms (batch)"], rows)
+    out = _table(["method", "top-1 %", "top-1 before fine-tune", "attention-mass recall", "block sparsity",
+                  "mean block length (blocks)", "MFLOPs / image", "latency ms (batch)"], rows)
+    orc = d.get("oracle_recall")
+    if orc:  # aggregated files hold per-seed lists under oracle_recall_seeds, single runs one dict
+        runs = orc if isinstance(orc, list) else [orc]
+        parts = []
+        for sp in sorted(runs[0], key=float):
+            dyn = [r[sp]["dynamic"] for r in runs]
+            stat = [r[sp]["static"] for r in runs]
+            parts.append(f"{float(sp):.0%}: per input {sum(dyn) / len(dyn):.3f}, one shared layout "
+                         f"{sum(stat) / len(stat):.3f}, chance {runs[0][sp]['chance']:.3f}")
+        out += ["", f"Oracle attention-mass recall of the dense model (its own top blocks on test images, mean over "
+                f"{len(runs)} run(s)): " + "; ".join(parts) + ". Recall near chance means the model's attention "
+                "leaves a block layout nothing to exploit: any layout at that budget drops most of the mass."]
     for s in sorted({float(k.split("@")[1]) for k in m if "@" in k}):
         der, l1, mag = m.get(f"der@{s}"), m.get(f"l1@{s}"), m.get(f"magnitude_topb@{s}")
         if der is None:

@@ -29,6 +29,14 @@ def test_aggregate_means_std_and_seed_values():
     assert out["n_tokens"] == 257 and out["wall_seconds"] == 300.0
 
 
+def test_aggregate_keeps_per_seed_top_level_fields_that_differ():
+    rs = [_res(s, 90.0) for s in range(3)]
+    for s, r in enumerate(rs):
+        r["oracle_recall"] = {"0.75": {"dynamic": 0.3 + s / 100, "static": 0.28, "chance": 0.25}}
+    out = aggregate(rs)
+    assert [o["0.75"]["dynamic"] for o in out["oracle_recall"]] == [0.3, 0.31, 0.32] and out["n_tokens"] == 257
+
+
 def test_aggregate_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="at least two"):
         aggregate([_res(0, 90.0)])

@@ -115,6 +115,9 @@ def test_vit_digits_tiny_end_to_end(tmp_path):
              "--test-limit", "16", "--hidden", "16", "--layers", "1")
     assert {"dense", "der@0.75", "magnitude_topb@0.75", "l1@0.75", "bigbird@0.75"} <= set(r["methods"])
     assert abs(r["methods"]["der@0.75"]["block_sparsity"] - 0.75) < 0.05
+    assert all(0 < v["attention_mass_recall"] <= 1 for k, v in r["methods"].items() if "@" in k)
+    orc = r["oracle_recall"]["0.75"]
+    assert orc["chance"] == pytest.approx(0.25) and orc["static"] <= orc["dynamic"] + 1e-9 <= 1 + 1e-9
 
 
 @pytest.mark.slow
