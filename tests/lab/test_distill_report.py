@@ -2,7 +2,7 @@
 
 import pytest
 
-from der_lab.experiments.minilm_distill import _summary, _tunes
+from der_lab.experiments.minilm_distill import SETTINGS, _summary, _tunes, merge
 from der_lab.report.distill import is_der, render, verdict
 
 
@@ -58,3 +58,13 @@ def test_byte_lm_section_judges_perplexity_lower_is_better():
     md = render({BYTE_LM_FILE: d})
     assert "met by `static/bigbird@0.75/none`." in md and "der/anchors@0.75/none`." not in md
     assert "75%: 0.800, chance 0.250" in md and "| static/bigbird@0.75/none | 2 | 7.2000 ± 0.0100 |" in md
+
+
+def test_merge_adds_rows_only_for_the_same_settings():
+    base = {k: 1 for k in SETTINGS} | {"seeds": [0, 1, 2], "complete": True, "oracle": {"0.75": {"dynamic": 0.6}}}
+    old = base | {"rows": {"a@0.75/none": [1]}, "summary": {"a@0.75/none": {"x": 1}}}
+    new = base | {"rows": {"a@0.5/distill": [2]}, "summary": {"a@0.5/distill": {"x": 2}}, "oracle": {}}
+    m = merge(old, new)
+    assert set(m["rows"]) == {"a@0.75/none", "a@0.5/distill"} and m["oracle"] == old["oracle"] and m["complete"]
+    with pytest.raises(SystemExit, match="lr"):
+        merge(old, new | {"lr": 2})

@@ -43,12 +43,13 @@ import torch
 
 from der_lab.harness import result_path, write_json
 
-__all__ = ["METHODS", "TUNES", "document_windows", "embed_batches", "id_batches", "layout_recall", "main",
+__all__ = ["METHODS", "TUNES", "document_windows", "embed_batches", "id_batches", "layout_recall", "main", "merge",
            "oracle_recalls", "run", "training_texts"]
 
 METHODS = ("static/anchors", "static/attention", "static/bigbird", "dynamic/anchors", "dynamic/moba")
 TUNES = ("none", "distill", "distill+mass")
 BLOCK, SEQ = 16, 128
+DOC_BLOCK = 32  # the block size whose documents file carries no _b<size> suffix
 
 
 def training_texts(n: int, seed: int, exclude: set[str]) -> list[str]:
@@ -330,6 +331,22 @@ def run(sparsities=(0.5, 0.75), seeds=(0, 1, 2), steps: int = 60, lr: float = 1e
     return res
 
 
+SETTINGS = ("text", "seq_len", "block_size", "steps", "lr", "mass_weight", "train_batch_size", "n_eval_sentences")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with the rows of ``new`` added (``--merge``): the settings that define a row must agree."""
+    bad = [k for k in SETTINGS if old.get(k) != new.get(k)]
+    if bad:
+        raise SystemExit(f"--merge: the existing file differs in {bad}; write another file with --out")
+    out = {**old, "rows": {**old["rows"], **new["rows"]}, "summary": {**old["summary"], **new["summary"]},
+           "seeds": sorted(set(old["seeds"]) | set(new["seeds"])),
+           "seconds": old.get("seconds", 0.0) + new.get("seconds", 0.0),
+           "complete": bool(old.get("complete")) and bool(new.get("complete"))}
+    out["oracle"] = {**new.get("oracle", {}), **old.get("oracle", {})}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="der exp minilm-distill", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed, 75%% only, 3 steps, 32 texts and pairs")
@@ -351,10 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-sparsities", type=float, nargs="*", default=[0.75])
     ap.add_argument("--n-pairs", type=int, default=None, help="STS pairs used (default all; documents: 150)")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default <results>/minilm_distill[...].json)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add this run's rows to the existing result file (same text, lengths, blocks and tuning "
+                         "settings; rows of the same key are replaced)")
     ap.add_argument("--oracle-only", action="store_true",
                     help="only add the oracle recalls to an existing result file (no conversion, no training)")
     args = ap.parse_args(argv)
     stem = "minilm_distill" + ("" if args.text == "sentences" else f"_docs{args.seq_len}")
+    if args.block_size != (BLOCK if args.text == "sentences" else DOC_BLOCK):
+        stem += f"_b{args.block_size}"
     out = result_path(f"{stem}_quick.json" if args.quick else f"{stem}.json", args.out)
     if args.oracle_only:
         import json
@@ -377,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
               seq_len=args.seq_len, block_size=args.block_size, train_batch=args.train_batch,
               on_row=lambda r: write_json(out, {**r, "complete": False}), **kw)
     res.update(seconds=time.time() - t0, quick=args.quick, complete=True)
+    if args.merge and out.exists():
+        import json
+
+        res = merge(json.loads(out.read_text()), res)
     write_json(out, res)
     print(f"{'method':<34} {'cos mean':>15} {'cos min':>8} {'STS ρ dense':>12} {'recall':>7} {'density':>7}")
     for key, s in res["summary"].items():

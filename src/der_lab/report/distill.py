@@ -15,7 +15,7 @@ from der_lab.harness import docs_dir, results_dir
 __all__ = ["BYTE_LM_FILE", "FILES", "is_der", "render", "render_byte_lm", "verdict", "main"]
 
 # documents first: unpadded long inputs are where block sparsity can save time (docs/speed.md)
-FILES = ("minilm_distill_docs512.json", "minilm_distill.json")
+FILES = ("minilm_distill_docs512.json", "minilm_distill_docs512_b16.json", "minilm_distill.json")
 BYTE_LM_FILE = "exp_byte_lm_quality.json"
 BYTE_LM_MEASURES = (("val_ppl", "validation perplexity"), ("ppl_increase_pct", "perplexity vs dense (%)"),
                     ("recall", "attention-mass recall"), ("kept_causal_pairs", "kept causal block pairs"))
