@@ -34,6 +34,7 @@ every row, ``complete: false``).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
@@ -379,8 +380,6 @@ def main(argv: list[str] | None = None) -> int:
         stem += f"_b{args.block_size}"
     out = result_path(f"{stem}_quick.json" if args.quick else f"{stem}.json", args.out)
     if args.oracle_only:
-        import json
-
         from der_lab.experiments.minilm_sparsity import load_minilm
 
         res = json.loads(out.read_text())
@@ -390,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, res)
         print(res["oracle"])
         return 0
+    old = json.loads(out.read_text()) if args.merge and out.exists() else None  # read before any partial write
+    both = (lambda r: r) if old is None else (lambda r: merge(old, r))
     t0 = time.time()
     kw = dict(sparsities=[0.75], seeds=[0], steps=3, n_train=32, n_eval=32, n_pairs=32) if args.quick else dict(
         sparsities=args.sparsities, seeds=args.seeds, steps=args.steps, n_pairs=args.n_pairs,
@@ -397,12 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     res = run(lr=args.lr, mass_weight=args.mass_weight, methods=args.methods, distill_methods=args.distill_methods,
               mass_methods=args.mass_methods, distill_sparsities=args.distill_sparsities, text=args.text,
               seq_len=args.seq_len, block_size=args.block_size, train_batch=args.train_batch,
-              on_row=lambda r: write_json(out, {**r, "complete": False}), **kw)
+              on_row=lambda r: write_json(out, both({**r, "complete": False})), **kw)
     res.update(seconds=time.time() - t0, quick=args.quick, complete=True)
-    if args.merge and out.exists():
-        import json
-
-        res = merge(json.loads(out.read_text()), res)
+    res = both(res)
     write_json(out, res)
     print(f"{'method':<34} {'cos mean':>15} {'cos min':>8} {'STS ρ dense':>12} {'recall':>7} {'density':>7}")
     for key, s in res["summary"].items():
